@@ -1,0 +1,257 @@
+"""ddpm.py: the forward and reverse formulas, the bound's terms, the samplers, and the script end to end."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import ddpm
+
+TINY = ["--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "20",
+        "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
+SCHEDULES = ["linear", "sigmoid", "quadratic", "cosine"]
+
+
+def diffusion(T=1000, schedule="linear", variance="fixed-small"):
+    return ddpm.Diffusion(ddpm.Config(timesteps=T, schedule=schedule, variance=variance), "cpu")
+
+
+# ----------------------------------------------------------------------------- the forward process
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_are_increasing_in_0_1_and_end_in_noise(schedule):
+    for T in (1000, 100):
+        b = ddpm.make_betas(schedule, T)
+        assert b.shape == (T,) and (b > 0).all() and (b < 1).all()
+        assert (b[1:] >= b[:-1]).all() and b[-1] > b[0]
+        assert torch.cumprod(1 - b, 0)[-1] < 1e-2  # alpha_bar_T ~ 0: x_T is (almost) pure noise
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_closed_form_q_xt_x0_equals_t_single_steps(schedule):
+    """Mean and variance of t steps of q(x_t | x_{t-1}) = N(sqrt(1-beta_t) x_{t-1}, beta_t) equal
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, 1 - alpha_bar_t), exactly (recursion) and by Monte Carlo."""
+    d = diffusion(100, schedule)
+    coef, var = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for t in range(100):  # mean coefficient and variance of x_t given x_0, one step at a time
+        coef, var = (1 - d.betas[t]).sqrt() * coef, (1 - d.betas[t]) * var + d.betas[t]
+        assert coef == pytest.approx(d.alpha_bar[t].sqrt().item(), rel=1e-9)
+        assert var == pytest.approx(1 - d.alpha_bar[t].item(), rel=1e-9)
+    torch.manual_seed(0)
+    x0, t = torch.full((200_000, 1, 1, 1), 0.7), 30
+    x = x0.clone()
+    for s in range(t + 1):
+        x = (1 - d.betas[s]).sqrt().float() * x + d.betas[s].sqrt().float() * torch.randn_like(x)
+    jump = d.q_sample(x0, torch.full((len(x0),), t), torch.randn_like(x0))
+    assert x.mean().item() == pytest.approx(jump.mean().item(), abs=0.01)
+    assert x.var().item() == pytest.approx(jump.var().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("t", [1, 10, 500, 999])
+def test_posterior_equals_bayes_rule_on_a_grid(t):
+    """q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0); integrate it on a grid."""
+    d = diffusion()
+    x0 = 0.3
+    x_t = d.alpha_bar[t].sqrt().item() * x0 - 0.8 * (1 - d.alpha_bar[t]).sqrt().item()  # a typical x_t for this x_0
+    b, ab_prev = d.betas[t].item(), d.alpha_bar_prev[t].item()
+    sd_prior = math.sqrt(1 - ab_prev)
+    lo, hi = min(x_t, math.sqrt(ab_prev) * x0) - 10 * sd_prior, max(x_t, math.sqrt(ab_prev) * x0) + 10 * sd_prior
+    grid = torch.linspace(lo, hi, 400_001, dtype=torch.float64)
+    log_w = -(x_t - math.sqrt(1 - b) * grid) ** 2 / (2 * b) - (grid - math.sqrt(ab_prev) * x0) ** 2 / (2 * sd_prior ** 2)
+    w = torch.softmax(log_w, 0)
+    mean_num = (w * grid).sum().item()
+    var_num = (w * (grid - mean_num) ** 2).sum().item()
+    mean, logvar = d.q_posterior(torch.tensor([[[[x0]]]]), torch.tensor([[[[x_t]]]]), torch.tensor([t]))
+    assert mean.item() == pytest.approx(mean_num, rel=1e-4, abs=1e-6)
+    assert math.exp(logvar.item()) == pytest.approx(var_num, rel=1e-3)
+    assert d.beta_tilde[t].item() == pytest.approx(var_num, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- the terms of the bound
+
+def test_gaussian_kl_equals_torch_distributions():
+    torch.manual_seed(0)
+    m1, m2, lv1, lv2 = torch.randn(4, 1000)
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+                                             torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    assert torch.allclose(ddpm.normal_kl(m1, lv1, m2, lv2), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 0.01), (0.3, 0.2), (-0.95, 0.001), (1.2, 1.0)])
+def test_discretized_gaussian_sums_to_one_over_256_bins(mean, std):
+    x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    logp = ddpm.discretized_gaussian_log_likelihood(x, torch.tensor(mean, dtype=torch.float64),
+                                                    torch.tensor(math.log(std), dtype=torch.float64))
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_learned_variance_interpolates_between_beta_and_beta_tilde():
+    d = diffusion(variance="learned")
+    t = torch.tensor([5, 500])
+    x = torch.zeros(2, 1, 1, 1)
+    for v, want in ((1.0, d.log_betas[t]), (-1.0, d.log_beta_tilde[t])):
+        out = torch.cat([x, torch.full_like(x, v)], dim=1)
+        assert torch.allclose(d.p_mean_logvar(out, x, t)[1].flatten(), want.float())
+
+
+def oracle(d, c):
+    """The ideal eps_theta when the data is the single image x_0 = c: eps = (x_t - sqrt(ab) c) / sqrt(1 - ab)."""
+    return lambda x_t, t: (x_t - ddpm.extract(d.alpha_bar, t).sqrt() * c) / (1 - ddpm.extract(d.alpha_bar, t)).sqrt()
+
+
+def test_oracle_model_makes_every_denoising_kl_zero():
+    """With the ideal eps the reverse step equals the posterior: L_{t-1} = 0 for t > 1, and L_0 is the mass of
+    N(x_0, sigma_1^2) in x_0's own bin of width 2/255, which erf gives independently."""
+    d = diffusion(200)
+    c = torch.full((3, 1, 4, 4), 191 / 127.5 - 1)  # an 8-bit level, so it sits at a bin's centre
+    prior, denoise, recon = d.bound(oracle(d, c), c)
+    assert prior.max() < 1e-4 and denoise.abs().max() < 1e-5
+    sigma = math.exp(0.5 * d.log_beta_tilde[0].item())
+    want = -math.log2(math.erf(1 / 255 / (sigma * math.sqrt(2))))
+    assert recon.tolist() == pytest.approx([want] * 3, rel=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_samplers_recover_the_point_mass_with_the_oracle(sampler):
+    d = diffusion(200)
+    c = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
+    x, frames = d.sample(oracle(d, c), (5, 1, 4, 4), sampler, steps=20, frames=4)
+    assert torch.allclose(x, c.expand(5, -1, -1, -1), atol=1e-4)
+    assert len(frames) == 5 and frames[0].std() > 0.5  # x_T is noise, x_0 is the data
+
+
+def test_ddim_with_eta_1_over_all_steps_is_the_ancestral_step():
+    """sigma_t^2 = beta_tilde_t (the fixed-small variance) and the mean is the posterior mean."""
+    d = diffusion()
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 1, 1, 1)
+    for t_int in (1, 50, 999):
+        t = torch.tensor([t_int])
+        x_t = d.q_sample(x0, t, eps)
+        mean, sigma = d.ddim_step(x_t, t, t - 1, x0, eps, eta=1.0)
+        # rel 1e-3: in float32, 1 - ab_t / ab_prev cancels to ~4 digits when both are near 1 (t = 1)
+        assert (sigma ** 2).item() == pytest.approx(d.beta_tilde[t_int].item(), rel=1e-3)
+        assert torch.allclose(mean, d.q_posterior(x0, x_t, t)[0], atol=1e-5)
+
+
+def test_hybrid_loss_trains_the_variance_but_not_the_mean_through_l_vlb():
+    """The stop-gradient: the eps half of the output gets the same gradient with or without L_vlb."""
+    grads = {}
+    for w in (0.0, 1.0):
+        d = ddpm.Diffusion(ddpm.Config(timesteps=50, variance="learned", vlb_weight=w), "cpu")
+        torch.manual_seed(1)  # the same output, data, t and eps for both weights
+        out = torch.randn(4, 2, 6, 6, requires_grad=True)
+        loss, figures = d.loss(lambda x_t, t: out * 1.0, torch.rand(4, 1, 6, 6) * 2 - 1)
+        loss.backward()
+        grads[w] = out.grad
+        assert {"l_simple", "l_vlb"} <= figures.keys()
+    assert torch.allclose(grads[0.0][:, :1], grads[1.0][:, :1])
+    assert grads[0.0][:, 1:].abs().max() == 0 and grads[1.0][:, 1:].abs().max() > 0
+
+
+def test_short_overfit_lowers_the_loss():
+    """Eight images, a tiny U-Net, 150 Adam steps: L_simple falls from 1.0 (the zero-initialised head)
+    to below 0.35."""
+    torch.manual_seed(0)
+    from conftest import fake_digits
+    x0 = common.to_signed(torch.from_numpy(fake_digits(8, seed=3)[0])[:, None])
+    cfg = ddpm.Config(timesteps=100, channels=16, channel_mults="1,2", num_res_blocks=1, dropout=0.0)
+    d, model = ddpm.Diffusion(cfg, "cpu"), ddpm.build_model(cfg, 1, (28, 28))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss, _ = d.loss(model, x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(1.0, abs=0.15)
+    assert sum(losses[-20:]) / 20 < 0.35
+
+
+@pytest.mark.parametrize("size", [(28, 28), (32, 32)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_unet_shapes(size, channels):
+    cfg = ddpm.Config(channels=8, channel_mults="1,2,2", num_res_blocks=1)
+    for variance, k in (("fixed-large", 1), ("learned", 2)):
+        model = ddpm.build_model(dataclass_replace(cfg, variance=variance), channels, size)
+        assert model(torch.randn(2, channels, *size), torch.tensor([0, 999])).shape == (2, k * channels, *size)
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+def run(argv, capsys=None):
+    ddpm.main([str(a) for a in argv])
+    return capsys.readouterr().out if capsys else None
+
+
+def test_train_resume_sample_eval(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common_args = ["--data-dir", data_dir, "--out", out, *TINY]
+    run([*common_args, "--steps", 3, "--sample-every", 2, "--ckpt-every", 2])
+    for f in ("config.json", "log.jsonl", "ckpt.pt", "samples_2.png", "samples_3.png", "forward_process.png", "reverse_process.png"):
+        assert (out / f).exists(), f
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
+
+    run([*common_args, "--steps", 5, "--resume"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
+
+    text = run([*common_args, "--sample", "--sampler", "ddim", "--sample-steps", 5], capsys)
+    samples = torch.load(out / "samples.pt")
+    assert samples.shape == (4, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1 and "4 samples" in text
+    assert (out / "samples.png").exists()
+
+    text = run([*common_args, "--eval", "--eval-n", 8], capsys)
+    total = float(text.strip().splitlines()[-1].split()[-1])
+    assert math.isfinite(total) and total > 0
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """Four steps straight equal two steps, a stop, and two more with --resume."""
+    args = ["--data-dir", data_dir, *TINY, "--sample-every", 100, "--ckpt-every", 2]
+    run([*args, "--out", tmp_path / "a", "--steps", 4])
+    run([*args, "--out", tmp_path / "b", "--steps", 2])
+    run([*args, "--out", tmp_path / "b", "--steps", 4, "--resume"])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("a", "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_learned_variance_and_cifar_train(data_dir, tmp_path):
+    run(["--data-dir", data_dir, "--out", tmp_path / "c", *TINY, "--dataset", "cifar10", "--variance", "learned",
+         "--steps", 2, "--sample-every", 100])
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "imagenet-42"], "unknown dataset"),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "MNIST/raw"),
+    (["--channel-mults", "1,2,2,2,2"], "cannot be halved"),
+    (["--sample"], "no checkpoint"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, data_dir, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run(["--data-dir", data_dir, "--out", tmp_path / "x", *TINY, "--steps", 1, *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_refuses_another_scripts_checkpoint_and_an_existing_run(data_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    common.save_checkpoint(out / "ckpt.pt", "gan", ddpm.Config(), 1, model=torch.nn.Linear(1, 1))
+    for extra in (["--sample"], ["--steps", 1]):
+        with pytest.raises(SystemExit) as e:
+            run(["--data-dir", data_dir, "--out", out, *TINY, *extra])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "written by gan.py, not ddpm.py" in err and "already holds a run" in err
