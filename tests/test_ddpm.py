@@ -151,13 +151,13 @@ def test_hybrid_loss_trains_the_variance_but_not_the_mean_through_l_vlb():
 
 
 def test_short_overfit_lowers_the_loss():
-    """Eight images, a tiny U-Net, 150 Adam steps: L_simple falls from 1.0 (the zero-initialised head)
-    to below 0.35."""
+    """Eight 14x14 images, a tiny U-Net, 150 Adam steps: L_simple falls from 1.0 (the zero-initialised head)
+    to below 0.2 (it reaches about 0.07)."""
     torch.manual_seed(0)
     from conftest import fake_digits
-    x0 = common.to_signed(torch.from_numpy(fake_digits(8, seed=3)[0])[:, None])
+    x0 = torch.nn.functional.avg_pool2d(common.to_signed(torch.from_numpy(fake_digits(8, seed=3)[0])[:, None]), 2)
     cfg = ddpm.Config(timesteps=100, channels=16, channel_mults="1,2", num_res_blocks=1, dropout=0.0)
-    d, model = ddpm.Diffusion(cfg, "cpu"), ddpm.build_model(cfg, 1, (28, 28))
+    d, model = ddpm.Diffusion(cfg, "cpu"), ddpm.build_model(cfg, 1, (14, 14))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(150):
@@ -167,7 +167,7 @@ def test_short_overfit_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(1.0, abs=0.15)
-    assert sum(losses[-20:]) / 20 < 0.35
+    assert sum(losses[-20:]) / 20 < 0.2
 
 
 @pytest.mark.parametrize("size", [(28, 28), (32, 32)])

@@ -1,0 +1,314 @@
+"""GAN: a generator and a discriminator trained against each other (Goodfellow et al. 2014), here as a DCGAN.
+
+The generator G maps noise z ~ N(0, I) to an image and never sees a density: it learns only through the
+discriminator D, which outputs the probability that its input is a real image rather than one of G's. The
+two play a minimax game, D ascending and G descending the same value function:
+
+    min_G max_D  V(D, G) = E_{x~p_data} log D(x) + E_{z~p(z)} log(1 - D(G(z)))
+
+Algorithm 1 of the paper alternates k discriminator steps with one generator step; in practice G ascends
+log D(G(z)) instead of descending log(1 - D(G(z))) (the "non-saturating" loss, same fixed point, strong
+gradients early on). The networks follow Radford et al. 2016 ("Unsupervised Representation Learning with
+Deep Convolutional Generative Adversarial Networks"): transposed convolutions, BatchNorm and ReLU in G,
+strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
+
+    python gan.py                                     # the default DCGAN on MNIST, sized for one GPU
+    python gan.py --device cpu --g-channels 32 --d-channels 32 --batch-size 64 --steps 4000 \\
+        --sample-every 500 --out runs/gan-cpu         # the quick CPU run of README (minutes on 2 cores)
+    python gan.py --out runs/gan-cpu --g-channels 32 --d-channels 32 --sample --num-samples 10000
+                                                      # samples.pt, latent interpolation, latent arithmetic
+    python gan.py --g-loss minimax                    # the saturating loss of the minimax game, to compare
+    python benchmarks/bench_gan.py quality runs/gan-cpu/samples.pt   # class histogram and Frechet distance
+"""
+import contextlib
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.TrainConfig):
+    steps: int = common.opt(20000, "generator updates (each after --d-steps discriminator updates)", runtime=True)
+    sample_every: int = common.opt(1000, "steps between grids of the fixed noise batch", runtime=True)
+    ckpt_every: int = common.opt(1000, "steps between checkpoints", runtime=True)
+    lr: float = common.opt(2e-4, "Adam learning rate of G and D (Radford et al.)", runtime=True)
+    beta1: float = common.opt(0.5, "Adam beta1 (0.5, not 0.9: momentum makes the game oscillate)", runtime=True)
+    beta2: float = common.opt(0.999, "Adam beta2", runtime=True)
+    z_dim: int = common.opt(100, "size of the noise z")
+    g_channels: int = common.opt(64, "generator width (ngf): its layers have 4x, 2x this many channels")
+    d_channels: int = common.opt(64, "discriminator width (ndf): its layers have 1x, 2x this many channels")
+    d_steps: int = common.opt(1, "k: discriminator updates per generator update (Algorithm 1)")
+    g_loss: str = common.opt("non-saturating", "generator loss: -log D(G(z)), or the minimax log(1 - D(G(z)))",
+                             choices=["non-saturating", "minimax"])
+    ema: bool = common.opt(False, "draw pictures and --sample from the EMA of G's weights (always tracked)", runtime=True)
+    ema_decay: float = common.opt(0.999, "decay of the EMA of G's weights", runtime=True)
+
+
+# ----------------------------------------------------------------------------- the two networks
+
+def dcgan_init(m):
+    """Radford et al.: every conv weight ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """z -> image: a 1x1 "image" of z_dim channels, upsampled by transposed convolutions. The first layer's
+    kernel is the quarter image size, so one network shape serves 28x28 (7 -> 14 -> 28) and 32x32 (8 -> 16 -> 32)."""
+
+    def __init__(self, z_dim, ch, img_channels, size):
+        super().__init__()
+        h4, w4 = size[0] // 4, size[1] // 4
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, 4 * ch, (h4, w4), 1, 0, bias=False),  # B x 4ch x H/4 x W/4 (7x7 or 8x8)
+            nn.BatchNorm2d(4 * ch), nn.ReLU(True),                        # no bias: BatchNorm's shift replaces it
+            nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1, bias=False),      # B x 2ch x H/2 x W/2 (14 or 16)
+            nn.BatchNorm2d(2 * ch), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * ch, img_channels, 4, 2, 1, bias=False),  # B x C x H x W (28 or 32)
+            nn.Tanh(),                                                    # in [-1, 1], the range of the data
+        )
+        self.z_dim = z_dim
+        self.apply(dcgan_init)
+
+    def forward(self, z):
+        return self.net(z.view(len(z), self.z_dim, 1, 1))  # B x z_dim -> B x z_dim x 1 x 1
+
+
+class Discriminator(nn.Module):
+    """image -> logit l, with D(x) = sigmoid(l): strided convolutions instead of pooling, LeakyReLU(0.2), no
+    BatchNorm on the first layer (Radford et al.), and no sigmoid at the end, so the losses can use log-sigmoid."""
+
+    def __init__(self, ch, img_channels, size):
+        super().__init__()
+        h4, w4 = size[0] // 4, size[1] // 4
+        self.net = nn.Sequential(
+            nn.Conv2d(img_channels, ch, 4, 2, 1, bias=False),  # B x ch x H/2 x W/2 (14 or 16)
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1, bias=False),        # B x 2ch x H/4 x W/4 (7 or 8)
+            nn.BatchNorm2d(2 * ch), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(2 * ch, 1, (h4, w4), 1, 0),              # B x 1 x 1 x 1: one logit per image
+        )
+        self.apply(dcgan_init)
+
+    def forward(self, x):
+        return self.net(x).flatten()  # B
+
+
+def build_models(cfg, img_channels, size):
+    h, w = size
+    if h % 4 or w % 4 or min(h, w) < 8:
+        raise common.UsageError(f"{h}x{w} images: the DCGAN halves each side twice, so use sides that are multiples of 4 "
+                                f"(28x28 MNIST, 32x32 CIFAR-10); resize the images first")
+    return (Generator(cfg.z_dim, cfg.g_channels, img_channels, size),
+            Discriminator(cfg.d_channels, img_channels, size))
+
+
+# ----------------------------------------------------------------------------- the losses, from logits
+# With D = sigmoid(l):  log D = log sigmoid(l) = -softplus(-l),  log(1 - D) = log sigmoid(-l) = -softplus(l).
+# F.logsigmoid computes both without forming D, so neither log(0) nor 1 - 1 = 0 in float can occur.
+
+def d_loss(real_logit, fake_logit):
+    """-V(D, G) = -[E log D(x) + E log(1 - D(G(z)))]: D ascends V by descending this."""
+    return -(F.logsigmoid(real_logit).mean() + F.logsigmoid(-fake_logit).mean())
+
+
+def g_loss(fake_logit, kind):
+    """What G descends. minimax: E log(1 - D(G(z))), the second term of V as it stands. non-saturating:
+    -E log D(G(z)). Early on D rejects G's samples, D(G(z)) ~ 0, and there log(1 - x) is flat (slope -1)
+    while log x is steep (slope 1/x): with respect to the logit, d/dl log(1 - sigmoid(l)) = -D(G(z)) -> 0
+    but d/dl -log sigmoid(l) = -(1 - D(G(z))) -> -1, so only the non-saturating loss still teaches a bad G."""
+    if kind == "minimax":
+        return F.logsigmoid(-fake_logit).mean()
+    return -F.logsigmoid(fake_logit).mean()
+
+
+# ----------------------------------------------------------------------------- Algorithm 1, one step at a time
+
+def d_step(G, D, opt_d, x_real, z, step=0, amp=contextlib.nullcontext):
+    """One step of gradient ascent on V for D; G only makes the fakes, under no_grad, so it cannot change."""
+    with torch.no_grad(), amp():
+        fake = G(z)
+    with amp():  # real and fake in separate passes, so each BatchNorm batch is all real or all fake (DCGAN)
+        real_logit, fake_logit = D(x_real).float(), D(fake).float()
+    loss = d_loss(real_logit, fake_logit)
+    common.check_finite(loss, step)
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return dict(d_loss=loss.item(), D_x=torch.sigmoid(real_logit).mean().item(),
+                D_G_z=torch.sigmoid(fake_logit).mean().item())
+
+
+def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
+    """One step of G on its loss; the gradient flows through D to G(z), but D's weights are frozen for it."""
+    D.requires_grad_(False)  # no gradient for D's weights: D's optimizer will not see this step, and it is cheaper
+    try:
+        with amp():
+            fake_logit = D(G(z)).float()
+        loss = g_loss(fake_logit, kind)
+        common.check_finite(loss, step)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+    finally:
+        D.requires_grad_(True)
+    opt_g.step()
+    return dict(g_loss=loss.item())
+
+
+def train_iteration(G, D, opt_g, opt_d, real_batch, cfg, step=0, amp=contextlib.nullcontext):
+    """Algorithm 1 of Goodfellow et al.: k times (fresh x and z each time) update D; then fresh z, update G."""
+    device = next(G.parameters()).device
+    noise = lambda: torch.randn(cfg.batch_size, cfg.z_dim, device=device)  # z ~ p(z) = N(0, I)
+    for _ in range(cfg.d_steps):
+        figures = d_step(G, D, opt_d, real_batch(), noise(), step, amp)
+    figures.update(g_step(G, D, opt_g, noise(), cfg.g_loss, step, amp))
+    return figures
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def to_unit(x):
+    return (x + 1) / 2
+
+
+@torch.no_grad()
+def generate(G, z, batch=500):
+    """G(z) in [0, 1], in eval mode (BatchNorm uses its running statistics, so an image does not depend on the
+    others in its batch), in chunks of `batch`."""
+    was_training = G.training
+    G.eval()
+    x = torch.cat([to_unit(G(z[i:i + batch])).float() for i in range(0, len(z), batch)])
+    G.train(was_training)
+    return x
+
+
+def fixed_noise(n, z_dim, seed, device):
+    """The same z for every grid of a run (and for --sample), from its own generator: training's RNG is untouched."""
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def interpolation(G, z, rows=8, cols=10):
+    """Each row walks in a straight line from one z to another, z_t = (1 - t) z_a + t z_b (Radford et al. Fig. 4):
+    a smooth walk in z that gives smooth changes in the image means G has not memorised isolated images."""
+    za, zb = z[:rows], z[rows:2 * rows]
+    t = torch.linspace(0, 1, cols, device=z.device)[None, :, None]
+    return generate(G, ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1))
+
+
+def ink(x):
+    """Ink mass: the mean intensity of an image in [0, 1] (for MNIST, how thick the strokes are)."""
+    return x.flatten(1).mean(1)
+
+
+def ink_direction(G, z, frac=0.1):
+    """Latent vector arithmetic (Radford et al. Sec. 6.3): mean z of the thickest samples minus mean z of the thinnest,
+    by ink mass, the averaged-z version of 'smiling woman - neutral woman'."""
+    order = ink(generate(G, z)).argsort()
+    k = max(1, int(len(z) * frac))
+    return z[order[-k:]].mean(0) - z[order[:k]].mean(0)
+
+
+def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5)):
+    """Rows: z + a * direction for each base z (column a = 0 is the sample itself). Returns the grid and the mean
+    ink mass of each column, the measurable check that the direction does what its name says."""
+    a = torch.tensor(alphas, device=z_base.device)[None, :, None]
+    x = generate(G, (z_base[:, None] + a * direction).flatten(0, 1))
+    return x, ink(x).view(len(z_base), len(alphas)).mean(0)
+
+
+def save_pictures(G, cfg, device, out):
+    """The latent-space pictures, from z's seeded by --seed: interpolation.png and arithmetic.png."""
+    z = fixed_noise(1024, cfg.z_dim, cfg.seed + 1, device)
+    common.save_grid(interpolation(G, z), out / "interpolation.png", nrow=10)
+    direction = ink_direction(G, z[16:])  # found on other samples than the rows it is applied to
+    grid, col_ink = arithmetic(G, z[:8], direction)
+    common.save_grid(grid, out / "arithmetic.png", nrow=len(col_ink))
+    print("latent arithmetic, z + a (z_thick - z_thin): mean ink per column a = -1.5 .. 1.5: "
+          + " ".join(f"{v:.3f}" for v in col_ink.tolist()))
+
+
+# ----------------------------------------------------------------------------- training and sampling
+
+def setup(cfg, device):
+    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "train", device)
+    G, D = build_models(cfg, x.shape[1], tuple(x.shape[2:]))
+    return x, G.to(device), D.to(device)
+
+
+def train(cfg):
+    device = common.get_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    out = common.start_run(cfg, "gan")
+    x_train, G, D = setup(cfg, device)  # x_train stays uint8; batches become [-1, 1] as they are drawn
+    ema = common.make_ema(G)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    gen = common.data_generator(device, cfg.seed)
+    state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema, gen=gen)
+    step = common.load_checkpoint(out / "ckpt.pt", "gan", cfg, **state) if cfg.resume else 0
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+    print(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
+          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss")
+    G_fwd, D_fwd = common.maybe_compile(G, cfg), common.maybe_compile(D, cfg)
+    real_batch = lambda: common.to_signed(common.random_batch(x_train, cfg.batch_size, gen))
+    amp = lambda: common.autocast(device, cfg.precision)
+    z_fixed = fixed_noise(cfg.num_samples, cfg.z_dim, cfg.seed, device)
+    log = common.Logger(out, cfg.steps, step)
+    save = lambda: common.save_checkpoint(out / "ckpt.pt", "gan", cfg, step, **state)
+    try:
+        while step < cfg.steps:
+            figures = train_iteration(G_fwd, D_fwd, opt_g, opt_d, real_batch, cfg, step, amp)
+            common.ema_update(ema, G, cfg.ema_decay, step)
+            step += 1
+            log.count(cfg.batch_size)  # real images per step; each also costs k D passes on fakes and 1 G pass
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.log(step, **figures)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                common.save_grid(generate(ema if cfg.ema else G, z_fixed), out / f"samples_{step}.png")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        print(f"interrupted: checkpoint saved at step {step}")
+        raise SystemExit(130)
+    save_pictures(ema if cfg.ema else G, cfg, device, out)
+    print(f"done: {out}")
+
+
+def sample_from_checkpoint(cfg):
+    """samples.png and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed, then the latent pictures."""
+    device = common.get_device(cfg.device)
+    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "test", device)
+    G, _ = build_models(cfg, x.shape[1], tuple(x.shape[2:]))
+    G, ema, out = G.to(device), common.make_ema(G.to(device)), common.out_dir(cfg, "gan")
+    common.load_checkpoint(out / "ckpt.pt", "gan", cfg, G=G, ema=ema)
+    G = ema if cfg.ema else G
+    start = time.time()
+    samples = generate(G, fixed_noise(cfg.num_samples, cfg.z_dim, cfg.seed, device)).cpu()
+    common.save_grid(samples[:256], out / "samples.png")
+    torch.save(samples, out / "samples.pt")
+    print(f"{len(samples)} samples in {time.time() - start:.1f}s -> {out}/samples.png, samples.pt")
+    save_pictures(G, cfg, device, out)
+
+
+@common.entry
+def main(argv=None):
+    cfg = common.parse_config(Config, argv)
+    if cfg.d_steps < 1:
+        raise common.UsageError(f"--d-steps {cfg.d_steps}: the discriminator needs at least 1 update per generator update")
+    if cfg.sample:
+        sample_from_checkpoint(cfg)
+    else:
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Tests of pixelrnn.py: skew, causality of every layer and of the whole network (grey and colour), the
+receptive fields the paper describes, normalization on tiny images, a short toy run, and the CLI."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import pixelrnn as P
+
+
+def raster(t):
+    """1 x C x H x W -> a vector in raster order, colour fastest: the order of the chain rule."""
+    return t[0].permute(1, 2, 0).reshape(-1)
+
+
+def below(J, diagonal):
+    """The entries of J on and below the given diagonal (0: j <= i, -1: j < i)."""
+    return torch.tril(torch.ones_like(J, dtype=torch.bool), diagonal)
+
+
+def jacobian(f, x):
+    """J[i, j] = d f(x)_i / d x_j, both in raster order (f maps 1 x C x H x W to 1 x C x H x W)."""
+    x = x.clone().requires_grad_(True)
+    y = raster(f(x))
+    return torch.stack([raster(torch.autograd.grad(y[i], x, retain_graph=True)[0]) for i in range(len(y))])
+
+
+def network_jacobian(model, colors, H, W, seed=0):
+    torch.manual_seed(seed)
+    model = model.double()
+    levels = torch.randn(model.output[-1].out_channels // colors, dtype=torch.float64)  # mix a pixel's logits
+    return jacobian(lambda x: (model(x) * levels[:, None, None]).sum(2), torch.rand(1, colors, H, W, dtype=torch.float64))
+
+
+def layer_jacobian(layer, colors, ch_in, h, H, W):
+    """A layer's Jacobian between colour groups: the input is each colour's value lifted to its ch_in/colors
+    features, the output each colour's h/colors features mixed at random."""
+    torch.manual_seed(1)
+    layer = layer.double()
+    lift = torch.randn(ch_in, dtype=torch.float64)[None, :, None, None]
+    mix = torch.randn(h, dtype=torch.float64)[None, :, None, None]
+    f = lambda x: (layer(x.repeat_interleave(ch_in // colors, 1) * lift) * mix).view(1, colors, h // colors, H, W).sum(2)
+    return jacobian(f, torch.rand(1, colors, H, W, dtype=torch.float64))
+
+
+def row_lstm_field(field_in, H, W):
+    """The Row LSTM's receptive field from its input's: S(r, c) = in(r, c) | in(r, c-1) | S(r-1, c-1..c+1)
+    (K^is sees the pixel and its left neighbour, K^ss three states of the row above). Fields are H x W x ...
+    boolean tensors: field[r, c] = the set of image pixels position (r, c) depends on."""
+    S = torch.zeros_like(field_in)
+    for r, c in itertools.product(range(H), range(W)):
+        S[r, c] = field_in[r, c] | (field_in[r, c - 1] if c else False)
+        if r:
+            S[r, c] |= S[r - 1, max(c - 1, 0):c + 2].any(0)
+    return S
+
+
+# ----------------------------------------------------------------------------- skew
+
+def test_skew_shifts_row_r_right_by_r_and_unskew_inverts_it():
+    x = torch.randn(2, 3, 4, 6)
+    s = P.skew(x)
+    assert s.shape == (2, 3, 4, 9)
+    for r in range(4):
+        assert torch.equal(s[:, :, r, r:r + 6], x[:, :, r])
+        assert s[:, :, r, :r].abs().sum() == 0 and s[:, :, r, r + 6:].abs().sum() == 0  # zeros around it
+    assert torch.equal(P.unskew(s, 6), x)
+    assert torch.equal(P.unskew(P.skew(x.transpose(2, 3)), 4), x.transpose(2, 3))  # H > W too
+
+
+# ----------------------------------------------------------------------------- causality and receptive fields
+
+@pytest.mark.parametrize("colors", [1, 3])
+@pytest.mark.parametrize("arch", ["row", "diag"])
+def test_layer_is_mask_b_causal(arch, colors):
+    """One recurrent layer maps features to features like a mask-B convolution: the output of colour X at
+    pixel i depends on no later pixel and, at pixel i, on no colour after X (strict upper triangle zero)."""
+    h, H, W = 6, 4, 5
+    layer = P.RowLSTM(2 * h, h, colors) if arch == "row" else P.DiagonalBiLSTM(2 * h, h, colors)
+    J = layer_jacobian(layer, colors, 2 * h, h, H, W)
+    assert torch.triu(J, 1).abs().max() == 0
+    if arch == "diag":  # a Diagonal BiLSTM layer sees its whole causal context, itself included
+        assert (J[below(J, 0)] != 0).all()
+    elif colors == 1:  # a Row LSTM layer sees exactly the triangle above the pixel
+        eye = torch.eye(H * W, dtype=torch.bool).view(H, W, H * W)
+        assert torch.equal(J != 0, row_lstm_field(eye, H, W).view(H * W, H * W))
+
+
+@pytest.mark.parametrize("colors", [1, 3])
+@pytest.mark.parametrize("arch", ["row", "diag"])
+def test_network_is_causal(arch, colors):
+    """p(x_i | x_<i): the logits of sub-pixel i have an exactly zero gradient w.r.t. every input j >= i."""
+    J = network_jacobian(P.PixelRNN(arch, colors, colors == 1, 6, 2, 48), colors, 4, 5)
+    assert torch.triu(J).abs().max() == 0
+
+
+@pytest.mark.parametrize("colors", [1, 3])
+def test_diagonal_bilstm_network_reaches_every_earlier_pixel(colors):
+    # wide enough that no pixel's few same-colour features are all cut by the ReLUs at this initialization
+    J = network_jacobian(P.PixelRNN("diag", colors, colors == 1, 12, 1, 48), colors, 4, 7)
+    assert (J[below(J, -1)] != 0).all()
+
+
+def test_row_lstm_network_sees_the_triangle_and_misses_the_rest():
+    """Predict the whole Row LSTM network's field from its parts (the 7x7 mask-A window on the right-padded
+    map, then per block: field |= Row LSTM field) and compare with the gradient's nonzero pattern."""
+    H, W, L = 6, 9, 1
+    J = network_jacobian(P.PixelRNN("row", 1, True, 6, L, 48), 1, H, W)
+    Wp = W + 3  # the network pads 3 columns on the right
+    field = torch.zeros(H, Wp, H, W, dtype=torch.bool)
+    for r, c, dr, dc in itertools.product(range(H), range(Wp), range(-3, 1), range(-3, 4)):
+        if (dr < 0 or dc < 0) and 0 <= r + dr < H and 0 <= c + dc < W:  # mask A: rows above, or left in the row
+            field[r, c, r + dr, c + dc] = True
+    for _ in range(L):
+        field = field | row_lstm_field(field, H, Wp)
+    predicted = field[:, :W].reshape(H * W, H * W)
+    assert torch.equal(J != 0, predicted)
+    missed = torch.tril(~predicted, -1).view(H, W, H, W)
+    assert missed[H - 1, 0, H - 2, W - 1] and missed[H - 1, W - 1, H - 1, 0]  # far right of the row above; far left in its row
+    assert not missed[H - 1, W // 2, H - 2, W // 2 + 1]  # inside the triangle
+
+
+def test_cropped_rows_give_the_same_logits():
+    """The sampler runs the network on rows 0..r only; causality says the logits of those rows do not change."""
+    for arch in ("row", "diag"):
+        torch.manual_seed(0)
+        model = P.PixelRNN(arch, 3, False, 6, 2, 12).double()
+        x = torch.rand(2, 3, 5, 6, dtype=torch.float64)
+        assert torch.allclose(model(x)[..., :3, :], model(x[:, :, :3]), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the likelihood
+
+@pytest.mark.parametrize("arch", ["row", "diag"])
+def test_probabilities_of_all_2x2_binary_images_sum_to_one(arch):
+    torch.manual_seed(0)
+    model = P.PixelRNN(arch, 1, True, 4, 2, 8).double()
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64).view(16, 1, 2, 2)
+    p = torch.exp(-P.nll(model, images, True))
+    # 1e-6, not 1e-12: common.pixel_nll casts binary targets to float32, so the BCE is float32 precise
+    assert abs(p.sum().item() - 1) < 1e-6 and len(set(p.tolist())) > 8  # normalized, and not uniform
+
+
+def test_probabilities_of_all_1x2_8bit_images_sum_to_one():
+    torch.manual_seed(0)
+    model = P.PixelRNN("diag", 1, False, 4, 1, 8).double()
+    a, b = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    images = torch.stack([a, b], -1).view(-1, 1, 1, 2).to(torch.uint8)
+    log_p = torch.cat([-P.nll(model, images[i:i + 8192], False) for i in range(0, len(images), 8192)])
+    assert abs(torch.logsumexp(log_p, 0).item()) < 1e-9
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+TINY = ["--hidden", "3", "--layers", "1", "--head", "6", "--batch-size", "8", "--log-every", "2",
+        "--ckpt-every", "2", "--num-samples", "2", "--device", "cpu"]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_smoke_resume_eval_on_binarized_mnist(data_dir, tmp_path):
+    """28x28 sampling costs 784 network passes, too slow for a test: no grids here (the colour test samples)."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--sample-every", "0", *TINY]
+    P.main(args + ["--steps", "2"])
+    for name in ("config.json", "log.jsonl", "ckpt.pt"):
+        assert (out / name).exists()
+    P.main(args + ["--steps", "4", "--resume"])
+    P.main(args + ["--eval"])
+    log = read_log(out)
+    assert [e["step"] for e in log if "step" in e] == [2, 4] and all(math.isfinite(e["nll_nats"]) for e in log if "step" in e)
+    assert log[-1]["test_images"] == 64 and math.isfinite(log[-1]["test_nll_nats"])
+
+
+def test_colour_folder_trains_samples_and_completes(tmp_path):
+    """8-bit colour data (a folder of 4x4 RGB images): 256-way softmax, bits/dim, Diagonal BiLSTM."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("RGB", (4, 4), (i * 6, 255 - i * 6, 7 * i)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "run"
+    args = ["--dataset", str(folder), "--out", str(out), "--sample-every", "1000", *TINY]
+    P.main(args + ["--steps", "2"])
+    assert (out / "samples_2.png").exists() and read_log(out)[-1]["test_bits_per_dim"] > 0
+    P.main(args + ["--sample"])
+    s = torch.load(out / "samples.pt")
+    assert s.shape == (2, 3, 4, 4) and torch.equal(s * 255, (s * 255).round()) and 0 <= s.min() and s.max() <= 1
+    P.main(args + ["--complete"])
+    grid = torch.load(out / "completion.pt")  # 4 test images: originals, occluded, 3 x 4 completions
+    assert grid.shape == (20, 3, 4, 4) and (out / "completion.png").exists()
+    assert torch.equal(grid[8:, :, :2], grid[:4, :, :2].repeat(3, 1, 1, 1))  # the top half is kept
+
+
+def test_sampler_draws_from_the_model(tmp_path):
+    """Pixel-by-pixel samples of 2x2 binary images have the frequencies exp(-NLL) that the model assigns."""
+    torch.manual_seed(0)
+    model = P.PixelRNN("diag", 1, True, 4, 1, 8)
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4))).view(16, 1, 2, 2)
+    p = torch.exp(-P.nll(model, images, True)).detach()
+    n = 20000
+    v = P.sample(model, torch.zeros(n, 1, 2, 2), True, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount((v.view(n, 4) * torch.tensor([8.0, 4, 2, 1])).sum(1).long(), minlength=16)
+    assert (counts / n - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
+
+
+def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
+    """A short run on the fake digits: test NLL far below the uniform model's 784 ln 2 = 543 nats."""
+    out = tmp_path / "toy"
+    P.main(["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--hidden", "8", "--layers", "1",
+            "--head", "16", "--batch-size", "16", "--lr", "1e-2", "--steps", "20", "--log-every", "10",
+            "--sample-every", "0", "--ckpt-every", "1000", "--num-samples", "1", "--device", "cpu"])
+    assert read_log(out)[-1]["test_nll_nats"] < 0.5 * 784 * math.log(2)
+
+
+def test_receptive_field_picture(tmp_path):
+    P.main(["--receptive-field", "--out", str(tmp_path), "--hidden", "3", "--layers", "1", "--head", "6"])
+    assert Image.open(tmp_path / "receptive_field.png").size[0] > 2 * 28
+
+
+def test_bad_input_exits_2_with_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", *TINY, "--steps", "2", "--sample-every", "0"]
+    cases = [["--dataset", "nope"],  # unknown dataset
+             ["--dataset", "cifar10", "--hidden", "4"],  # colour needs R, G, B groups
+             ["--sample"],  # no checkpoint yet
+             None,  # (train once, then:)
+             [],  # a second run into the same folder without --resume
+             ["--resume", "--arch", "diag"],  # a checkpoint of another config
+             ]
+    for extra in cases:
+        if extra is None:
+            P.main(args)
+            continue
+        with pytest.raises(SystemExit) as e:
+            P.main(args + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_learning_rate_is_a_cosine_over_steps_or_minutes():
+    cfg = P.Config(lr=1.0, steps=100)
+    assert [P.learning_rate(cfg, s, 0) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    timed = P.Config(lr=1.0, steps=10 ** 6, max_minutes=10)
+    assert P.learning_rate(timed, 10, 5.0) == pytest.approx(0.5)  # half the minutes: half the peak
