@@ -18,7 +18,7 @@ Run:
     python ddpm.py --dataset mnist --sample             # 64 samples from runs/ddpm-mnist/ckpt.pt
     python ddpm.py --dataset mnist --sample --sampler ddim --sample-steps 50
     python ddpm.py --dataset mnist --eval --eval-n 1000 # the bound in bits/dim, with its three parts
-README.md gives a quick CPU command.
+README.md gives the measured speed; a quick CPU command is still to be measured.
 """
 import dataclasses
 import math
