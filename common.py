@@ -54,7 +54,8 @@ class TrainConfig:
     data_dir: str = opt("./data", "where the datasets live (MNIST in <data-dir>/MNIST/raw/)", runtime=True)
     out: str = opt("", "output folder (default runs/<script>-<dataset>)", runtime=True)
     device: str = opt("auto", "auto | cuda | mps | cpu", runtime=True)
-    precision: str = opt("bf16", "bf16 autocast on CUDA, or fp32 (CPU always runs fp32)", choices=["bf16", "fp32"], runtime=True)
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: also on the CPU (fast only with "
+                         "AMX or AVX512-BF16); fp32", choices=["auto", "bf16", "fp32"], runtime=True)
     compile: bool = opt(False, "torch.compile the model (CUDA)", runtime=True)
     seed: int = opt(0, "random seed", runtime=True)
     batch_size: int = opt(128, "images per training step", runtime=True)
@@ -100,9 +101,10 @@ def get_device(name="auto"):
 
 
 def autocast(device, precision):
-    """bf16 autocast on CUDA (same exponent range as fp32, so no loss scaling is needed); fp32 elsewhere."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (same exponent range as fp32, so no loss scaling is needed): by default on CUDA only; on the
+    CPU only when asked for, because only CPUs with bf16 units (AMX, AVX512-BF16) run it faster than fp32."""
+    if device.type in ("cuda", "cpu") and (precision == "bf16" or (precision == "auto" and device.type == "cuda")):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -50,7 +50,7 @@ def training_speed(device, steps, batch_size, g_channels, d_channels):
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G, D))
     gen = common.data_generator(device, 0)
     real = lambda: common.to_signed(common.random_batch(x, batch_size, gen))
-    amp = lambda: common.autocast(device, "bf16")
+    amp = lambda: common.autocast(device, "auto")  # the scripts' default: bf16 on CUDA, fp32 on the CPU
 
     def step(i):
         gan.train_iteration(G, D, opt_g, opt_d, real, cfg, i, amp)

@@ -20,6 +20,14 @@ def test_cli_accepts_both_forms():
     assert common.parse_config(Cfg, []).batch_size == 128
 
 
+def test_precision_bf16_only_by_default_on_cuda_and_on_the_cpu_when_asked():
+    layer, x, cpu = nn.Linear(4, 4), torch.randn(2, 4), torch.device("cpu")
+    assert common.parse_config(Cfg, []).precision == "auto"
+    for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        with common.autocast(cpu, precision):
+            assert layer(x).dtype == dtype, precision
+
+
 def test_mnist_loads_as_one_uint8_tensor(data_dir):
     x, y = common.load_dataset("mnist", data_dir, "train")
     assert x.dtype == torch.uint8 and x.shape == (256, 1, 28, 28) and y.shape == (256,)

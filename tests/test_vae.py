@@ -86,12 +86,12 @@ def test_sample_and_pictures(data_dir, tmp_path):
 
 
 def test_training_on_toy_digits_beats_a_stated_bound(data_dir, tmp_path):
-    """On the fake strokes, 150 steps take the test negative ELBO from ~543 nats (784 ln 2, a coin per pixel)
+    """On the fake strokes, 250 steps take the test negative ELBO from ~543 nats (784 ln 2, a coin per pixel)
     to below 150; eval's three figures are consistent: -ELBO >= IW NLL, and the gap is their difference."""
     out = tmp_path / "learn"
-    run(data_dir, out, "--steps", "150", "--hidden", "64", "--lr", "3e-3", "--sample-every", "150", "--ckpt-every", "150")
+    run(data_dir, out, "--steps", "250", "--hidden", "64", "--lr", "3e-3", "--sample-every", "250", "--ckpt-every", "250")
     assert logged(out)[-1]["test_neg_elbo"] < 150
-    r = run(data_dir, out, "--steps", "150", "--hidden", "64", "--lr", "3e-3", "--eval", "--iw-samples", "50")
+    r = run(data_dir, out, "--steps", "250", "--hidden", "64", "--lr", "3e-3", "--eval", "--iw-samples", "50")
     assert r["n"] == 64 and r["iw_nll"] < r["neg_elbo"] and r["gap"] == pytest.approx(r["neg_elbo"] - r["iw_nll"])
 
 
