@@ -29,9 +29,9 @@ width, and reaches the horizontal stack shifted down by one row; the horizontal 
 
     python pixelcnn.py                                   # plain PixelCNN on binarized MNIST, sized for one GPU
     python pixelcnn.py --arch gated --conditional        # gated, class-conditional
-    python pixelcnn.py --device cpu --channels 48 --layers 4 --steps 1000 --batch-size 32 --lr 3e-3 \
-        --sample-every 100000 --num-samples 16 --out runs/pixelcnn-cpu   # the quick CPU run of README
-  then, with the model flags of that run (--channels 48 --layers 4; the checkpoint refuses others):
+    python pixelcnn.py --device cpu --precision bf16 --channels 64 --layers 6 --steps 6300 --batch-size 32 \
+        --lr 3e-3 --sample-every 100000 --num-samples 16 --out runs/pixelcnn-cpu   # quick CPU run: 89.3 nats, 9 min
+  then, with the model flags of that run (--channels 64 --layers 6; the checkpoint refuses others):
     python pixelcnn.py --out runs/pixelcnn-cpu ... --eval       # exact NLL on the whole test set (nats/image)
     python pixelcnn.py --out runs/pixelcnn-cpu ... --sample     # samples.png, samples.pt (timed)
     python pixelcnn.py --out runs/pixelcnn-cpu ... --complete   # complete the bottom half of test images
