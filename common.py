@@ -1,7 +1,7 @@
-"""Small helpers shared by the five model scripts: CLI, device, data, checkpoints, logging, EMA.
+"""Infrastructure shared by the five model scripts: the CLI, device and precision, data, runs, checkpoints, logs, EMA.
 
-Everything that is about one model family lives in that family's script; this file holds only what
-at least two scripts need. Read a model script first and come here when it calls something.
+No model layer and no loss lives here: those are in the script that teaches them. Read a model script first
+and come here when it calls something.
 """
 import argparse
 import contextlib
@@ -13,19 +13,21 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+
+CHECKPOINT_FORMAT = 2  # 2: the model options and the run options are stored apart
 
 
 # ----------------------------------------------------------------------------- errors and the CLI
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, nothing overwritten."""
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
 
 def entry(main):
@@ -40,48 +42,116 @@ def entry(main):
     return wrapped
 
 
-def opt(default, help, choices=None, runtime=False):
-    """A Config field with its --help text. runtime=True marks a knob that may differ between the run
-    that wrote a checkpoint and the run that reads it (steps, sampling options...); every other field
-    must match, or the checkpoint would be read into a different model."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, runtime=runtime))
+def opt(default, help, valid=None, choices=None, mode=None):
+    """A Config field with its --help text. `valid` is the range of a number in interval notation ("[1, inf)",
+    "(0, inf)", "[0, 1)"); `mode` marks a switch that picks what the script does instead of training: "checkpoint"
+    (it reads the run in --out) or "alone" (it does not)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, valid=valid, choices=choices, mode=mode))
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """The knobs every script has; each script subclasses it and may redeclare a field for its own default."""
+class ModelConfig:
+    """What defines a model. Stored in its checkpoint, so that --sample, --eval and --resume need none of it."""
     dataset: str = opt("mnist", "mnist | fashion-mnist | cifar10 | a folder of images")
-    data_dir: str = opt("./data", "where the datasets live (MNIST in <data-dir>/MNIST/raw/)", runtime=True)
-    out: str = opt("", "output folder (default runs/<script>-<dataset>)", runtime=True)
-    device: str = opt("auto", "auto | cuda | mps | cpu", runtime=True)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What one run may change: each script subclasses it and may redeclare a field for its own default."""
+    data_dir: str = opt("./data", "where the datasets live (MNIST in <data-dir>/MNIST/raw/)")
+    out: str = opt("", "output folder (default runs/<script>-<dataset>)")
+    device: str = opt("auto", "auto | cuda | mps | cpu", choices=["auto", "cuda", "mps", "cpu"])
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: also on the CPU (fast only with "
-                         "AMX or AVX512-BF16); fp32", choices=["auto", "bf16", "fp32"], runtime=True)
-    compile: bool = opt(False, "torch.compile the model (CUDA)", runtime=True)
-    seed: int = opt(0, "random seed", runtime=True)
-    batch_size: int = opt(128, "images per training step", runtime=True)
-    lr: float = opt(2e-4, "learning rate", runtime=True)
-    steps: int = opt(10000, "training steps", runtime=True)
-    log_every: int = opt(100, "steps between progress lines", runtime=True)
-    sample_every: int = opt(2000, "steps between sample grids", runtime=True)
-    ckpt_every: int = opt(2000, "steps between checkpoints", runtime=True)
-    resume: bool = opt(False, "continue the run in --out from its checkpoint", runtime=True)
-    sample: bool = opt(False, "only sample from the checkpoint in --out", runtime=True)
-    num_samples: int = opt(64, "images to draw with --sample", runtime=True)
+                         "AMX or AVX512-BF16); fp32", choices=["auto", "bf16", "fp32"])
+    compile: bool = opt(False, "torch.compile the model (CUDA)")
+    seed: int = opt(0, "random seed")
+    batch_size: int = opt(128, "images per training step", "[1, inf)")
+    lr: float = opt(2e-4, "learning rate", "(0, inf)")
+    steps: int = opt(10000, "training steps", "[1, inf)")
+    log_every: int = opt(100, "steps between progress lines", "[1, inf)")
+    sample_every: int = opt(2000, "steps between sample grids", "[1, inf)")
+    ckpt_every: int = opt(2000, "steps between checkpoints", "[1, inf)")
+    num_samples: int = opt(64, "images to draw with --sample (and in the grids of a run)", "[1, inf)")
+    resume: bool = opt(False, "continue the run in --out from its checkpoint", mode="checkpoint")
+    sample: bool = opt(False, "only sample from the checkpoint in --out", mode="checkpoint")
+    eval: bool = opt(False, "only evaluate the checkpoint in --out on the test set", mode="checkpoint")
+    model: ModelConfig = dataclasses.field(default=None, metadata=dict(cli=False))  # filled in by parse_args
 
 
-def parse_config(cls, argv=None):
-    """Build an argparse parser from a Config dataclass (--batch-size 64 and --batch-size=64 both work)."""
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        name, meta = "--" + f.name.replace("_", "-"), f.metadata
-        help = f"{meta.get('help', '')} (default: {f.default})"
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"), help=help)
-    return cls(**vars(p.parse_args(argv)))
+def check_range(flag, value, valid):
+    """Refuse a number outside its interval, e.g. valid = "[0, 1)" for 0 <= value < 1."""
+    lo, hi = (s.strip() for s in valid[1:-1].split(","))
+    ok = math.isfinite(value) and (value >= float(lo) if valid[0] == "[" else value > float(lo))
+    ok = ok and (value <= float(hi) if valid[-1] == "]" else value < float(hi))
+    if not ok:
+        raise UsageError(f"{flag} {value}: must be in {valid}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (an unknown flag, "abc" for a number): one line, exit 2
+        raise UsageError(message)
+
+
+def parse_flags(model_cls, run_cls, argv=None):
+    """The CLI generated from the two Config dataclasses (--batch-size 64 and --batch-size=64 both work), every
+    number checked against its range. Returns (run config, the model flags given on the command line)."""
+    parser = Parser(description=sys.modules[run_cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls, title in [(model_cls, "model options (stored in the checkpoint)"), (run_cls, "run options")]:
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                add_flag(group, f)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line: every default is SUPPRESS
+    model_names = {f.name for f in dataclasses.fields(model_cls)}
+    cfg = run_cls(**{k: v for k, v in given.items() if k not in model_names})
+    model_flags = {k: v for k, v in given.items() if k in model_names}
+    for obj in (cfg, model_cls(**model_flags)):
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("valid") is not None:
+                check_range(flag(f.name), getattr(obj, f.name), f.metadata["valid"])
+    return cfg, model_flags
+
+
+def parse_args(model_cls, run_cls, script, argv=None):
+    """parse_flags, then the model options: from the flags for a new run, from the checkpoint in --out for --resume,
+    --sample, --eval... (where a model flag that disagrees is refused). Returns the run config with `.model` set."""
+    cfg, model_flags = parse_flags(model_cls, run_cls, argv)
+    modes = {f.name: f.metadata["mode"] for f in dataclasses.fields(cfg) if f.metadata.get("mode") and getattr(cfg, f.name)}
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(map(flag, modes))} cannot go together; pick one")
+    cfg.out = cfg.out or f"runs/{script}-{dataset_name(model_flags.get('dataset', model_cls.dataset))}"
+    check_out_folder(Path(cfg.out))
+    if "checkpoint" in modes.values():  # --resume, --sample, --eval...: the model options come from the run
+        saved = read_checkpoint(Path(cfg.out) / "ckpt.pt", script)["model_config"]
+        for k, v in model_flags.items():
+            if saved.get(k) != v:
+                raise UsageError(f"{cfg.out} holds a model trained with {flag(k)} {saved.get(k)} (now {v}); "
+                                 f"drop {flag(k)}, or pick another --out")
+        model_flags = saved
+    elif (Path(cfg.out) / "ckpt.pt").exists() and not modes:
+        raise UsageError(f"{cfg.out} already holds a run; pass --resume to continue it, or --out to start a new one")
+    cfg.model = model_cls(**model_flags)
+    return cfg
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def add_flag(group, f):
+    meta, valid = f.metadata, f.metadata.get("valid")
+    help = f"{meta['help']} (default: {f.default}" + (f"; in {valid})" if valid else ")")
+    if f.type in (bool, "bool"):
+        group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+    else:
+        kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        group.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, choices=meta.get("choices"), help=help)
+
+
+def check_out_folder(out):
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--out {out}: {p} is a file, not a folder; pick another --out")
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -91,8 +161,8 @@ def get_device(name="auto"):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name not in ("cuda", "mps", "cpu"):
-        raise UsageError(f"unknown --device {name!r}: use auto, cuda, mps or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but this machine has no Apple GPU; use --device cpu")
     if name == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs: ~free speed, fp32 range
         torch.backends.cudnn.allow_tf32 = True
@@ -141,7 +211,7 @@ def load_dataset(dataset, data_dir, split="train", device="cpu"):
     elif Path(dataset).is_dir():
         x, y = _load_folder(Path(dataset), split)
     else:
-        raise UsageError(f"unknown dataset {dataset!r}: use mnist, fashion-mnist, cifar10 or a folder of images")
+        raise UsageError(f"unknown --dataset {dataset!r}: use mnist, fashion-mnist, cifar10 or a folder of images")
     return x.to(device), (y.to(device) if y is not None else None)
 
 
@@ -184,9 +254,8 @@ def _load_cifar10(data_dir, split):
         except Exception as e:
             raise UsageError(f"cifar10 is not in {root}/ and could not be downloaded ({type(e).__name__}); "
                              f"unpack cifar-10-python.tar.gz into {data_dir}/") from None
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
-    for name in names:
+    for name in [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]:
         with open(root / name, "rb") as f:
             batch = pickle.load(f, encoding="latin1")
         xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
@@ -196,12 +265,18 @@ def _load_cifar10(data_dir, split):
 
 def _load_folder(folder, split):
     """Every image file in a folder, all of one size; every 10th (sorted by name) is the test split."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise UsageError(f"{folder} holds fewer than 2 images ({', '.join(IMAGE_SUFFIXES)}); add images or pick another --dataset")
+    if len(files) < 10:
+        raise UsageError(f"--dataset {folder} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); it needs at "
+                         f"least 10 (every 10th is the test split): add images or pick another --dataset")
     files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "test")]
-    images = [Image.open(f) for f in files]
+    images = []
+    for f in files:
+        try:
+            images.append(Image.open(f))
+        except (UnidentifiedImageError, OSError):
+            raise UsageError(f"{f} is not an image that PIL can read; remove it from --dataset {folder}") from None
     mode = "L" if all(im.mode in ("L", "1") for im in images) else "RGB"
     sizes = {im.size for im in images}
     if len(sizes) > 1:
@@ -221,20 +296,31 @@ def data_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def is_binary(x_uint8):
+    """The one rule for binarized data (vae, pixelcnn, pixelrnn): 1-channel images are binarized, as in the papers'
+    binarized MNIST; 3-channel images keep their 256 levels per sub-pixel."""
+    return x_uint8.shape[1] == 1
+
+
 def binarize(x_uint8, generator=None):
-    """Stochastic binarization: pixel ~ Bernoulli(intensity/255). Used for training on binarized MNIST."""
+    """Stochastic binarization: pixel ~ Bernoulli(intensity/255), a fresh draw every training step."""
     return torch.bernoulli(x_uint8.float() / 255, generator=generator)
 
 
 def fixed_binarization(x_uint8, seed=0):
-    """One seeded binarization of a whole split, the same in every run, so test NLLs are comparable."""
+    """One seeded binarization of a whole test split, the same in every run, so test NLLs are comparable."""
     g = torch.Generator().manual_seed(seed)
     return torch.bernoulli(x_uint8.cpu().float() / 255, generator=g).to(x_uint8.device)
 
 
-def to_signed(x_uint8):
-    """uint8 {0..255} -> float [-1, 1], the range DDPM and the GAN work in."""
+def uint8_to_signed(x_uint8):
+    """{0..255} -> [-1, 1], the range DDPM, the GAN and the colour VAE work in."""
     return x_uint8.float() / 127.5 - 1
+
+
+def signed_to_unit(x):
+    """[-1, 1] -> [0, 1], the range of pictures and samples.pt."""
+    return (x + 1) / 2
 
 
 def save_grid(images, path, nrow=None):
@@ -244,22 +330,19 @@ def save_grid(images, path, nrow=None):
     vutils.save_image(images.float().clamp(0, 1).cpu(), str(path), nrow=nrow, padding=1, pad_value=1.0)
 
 
-# ----------------------------------------------------------------------------- runs, checkpoints, logs
-
-def out_dir(cfg, script):
-    return Path(cfg.out or f"runs/{script}-{dataset_name(cfg.dataset)}")
+def nats_to_bits_per_dim(nats_per_image, dims):
+    return nats_per_image / (dims * math.log(2))
 
 
-def start_run(cfg, script):
-    """Make the output folder for a fresh run, refusing to overwrite an earlier run's checkpoint."""
-    out = out_dir(cfg, script)
-    if (out / "ckpt.pt").exists() and not cfg.resume:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
-    if cfg.resume and not (out / "ckpt.pt").exists():
-        raise UsageError(f"--resume: no checkpoint at {out / 'ckpt.pt'}; train without --resume first")
-    out.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------- runs and checkpoints
+
+def start_run(cfg):
+    """Make --out for a new run (called after the data and the model were built, so bad input writes nothing)."""
+    out = Path(cfg.out)
     if not cfg.resume:
-        atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        config = dict(model=dataclasses.asdict(cfg.model), run=dataclasses.asdict(cfg) | dict(model=None))
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     return out
 
 
@@ -269,53 +352,112 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, script, cfg, step, **state):
-    """Write model/optimizer/EMA state dicts, step, config and RNG state; temp file then rename, so a crash
-    mid-write never leaves a broken checkpoint in place of a good one."""
-    ckpt = dict(script=script, config=dataclasses.asdict(cfg), step=step,
-                rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                **{k: (v.get_state() if isinstance(v, torch.Generator) else v.state_dict()) for k, v in state.items()})
+def rng_state(generator):
+    """The random state a step starts from: the data generator's, the CPU's and CUDA's."""
+    return dict(rng_data=generator.get_state(), rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def save_checkpoint(path, script, cfg, step, rng, **modules):
+    """Write the state dicts of `modules` (models, optimizers), the step, both configs and the RNG state the next
+    step starts from; temp file then rename, so a crash mid-write never leaves a broken checkpoint in place of a
+    good one. Non-finite weights are never written."""
+    state = {k: v.state_dict() for k, v in modules.items()}
+    for k, m in modules.items():
+        if isinstance(m, torch.nn.Module) and not all(torch.isfinite(p).all() for p in m.parameters()):
+            raise UsageError(f"{k} has non-finite weights at step {step}; not saved, the last checkpoint was kept: lower --lr")
+    ckpt = dict(script=script, format=CHECKPOINT_FORMAT, step=step, model_config=dataclasses.asdict(cfg.model),
+                run_config=dataclasses.asdict(cfg) | dict(model=None), **rng, **state)
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, script, cfg, **state):
-    """Load a checkpoint written by `script` into the given objects (modules, optimizers, generators) and
-    restore the RNGs; return its step. Refuses a checkpoint of another script or another model config."""
-    path = Path(path)
+def read_checkpoint(path, script):
+    """The checkpoint as a dict, refused with one line if it is missing, unreadable, or not a `script` checkpoint
+    of this format."""
     if not path.exists():
         raise UsageError(f"no checkpoint at {path}; train first (or point --out at the run)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or pick another --out") from None
-    if ckpt.get("script") != script:
-        raise UsageError(f"{path} was written by {ckpt.get('script', 'another program')}.py, not {script}.py; point --out at a {script} run")
-    runtime = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("runtime")}
-    saved, now = ckpt["config"], dataclasses.asdict(cfg)
-    diff = [k for k in now if k not in runtime and saved.get(k) != now[k]]
-    if diff:
-        flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diff)
-        raise UsageError(f"{path} was trained with {flags}; pass the same options, or another --out")
-    for k, obj in state.items():
-        if isinstance(obj, torch.Generator):
-            obj.set_state(ckpt[k])
-        else:
-            obj.load_state_dict(ckpt[k])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if torch.cuda.is_available() and ckpt["rng_cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise UsageError(f"{path} is not a checkpoint of this project; pick another --out")
+    if ckpt["script"] != script:
+        raise UsageError(f"{path} was written by {ckpt['script']}.py, not {script}.py; point --out at a {script} run")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} was written by an older {script}.py (checkpoint format {ckpt.get('format', 1)}, now "
+                         f"{CHECKPOINT_FORMAT}); train again, or use the version of {script}.py that wrote it")
+    return ckpt
+
+
+def load_checkpoint(path, script, generator=None, **modules):
+    """Load a checkpoint into `modules` (models, optimizers) and, for --resume, restore the RNGs the next step
+    starts from into `generator` and torch's own; return its step."""
+    ckpt = read_checkpoint(Path(path), script)
+    for k, m in modules.items():
+        m.load_state_dict(ckpt[k])
+    if generator is not None:
+        generator.set_state(ckpt["rng_data"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if torch.cuda.is_available() and ckpt["rng_cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     return ckpt["step"]
 
 
+def check_resume(cfg, step):
+    if cfg.resume and step >= cfg.steps:
+        raise UsageError(f"{cfg.out} is already at step {step}; pass --steps above {step} to train on")
+
+
+def check_finite(step, **figures):
+    """Stop before a step with a non-finite loss or gradient is applied, so no checkpoint ever holds its weights."""
+    for name, v in figures.items():
+        v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        if not math.isfinite(v):
+            raise UsageError(f"the {name} became {v} at step {step + 1}; the checkpoint holds the last finite "
+                             f"weights: lower --lr and --resume")
+
+
+class CtrlC:
+    """Ctrl-C while training: the step under way is finished (a half-applied update would be neither the old weights
+    nor the new), then the loop ends, the caller saves a checkpoint, and exit_if_requested exits 130. A second Ctrl-C
+    stops at once, keeping the last checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit without saving)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def exit_if_requested(self, step):
+        """After the checkpoint of `step` was saved: exit 130 if Ctrl-C ended the loop."""
+        if self.requested:
+            print(f"interrupted: checkpoint saved at step {step}; --resume continues from there")
+            raise SystemExit(130)
+
+
 class Logger:
-    """Appends one JSON line per log to log.jsonl and prints a progress line with img/s and ETA."""
+    """Appends one JSON line per log to log.jsonl and prints a progress line with img/s and ETA. On --resume it
+    first drops the lines past the checkpoint's step (logged before a crash), so log.jsonl has one line per step."""
 
     def __init__(self, out, total_steps, start_step=0):
         self.path, self.total = Path(out) / "log.jsonl", total_steps
         self.last_step, self.last_time, self.images = start_step, time.time(), 0
+        if self.path.exists():
+            lines = [s for s in self.path.read_text().splitlines() if s and json.loads(s).get("step", 0) <= start_step]
+            atomic_write_text(self.path, "".join(s + "\n" for s in lines))
 
     def count(self, n_images):
         self.images += n_images
@@ -338,9 +480,23 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def check_finite(loss, step):
-    if not torch.isfinite(loss):
-        raise UsageError(f"the loss became {loss.item()} at step {step}; lower --lr (the last checkpoint was kept)")
+def report(out, title, rows, **extra):
+    """--eval's result: a two-column table on screen, and eval.json in the run folder (rows and `extra`)."""
+    print(title)
+    for name, value in rows.items():
+        print(f"  {name:52s} {value:10.4f}")
+    result = dict(extra, **rows)
+    atomic_write_text(Path(out) / "eval.json", json.dumps(result, indent=2))
+    return result
+
+
+def run_safely(what, fn):
+    """Pictures and evaluations during training: a failure there is reported in one line and the run goes on,
+    so it never costs the trained steps."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"warning: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
 
 
 # ----------------------------------------------------------------------------- EMA of weights
@@ -357,83 +513,6 @@ def ema_update(ema, model, decay, step):
     """theta_ema <- d * theta_ema + (1 - d) * theta. The decay ramps up as (1+step)/(10+step), so a short run's
     average is not dominated by its random initialization."""
     d = min(decay, (1 + step) / (10 + step))
-    ema_p, model_p = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_p, model_p, 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)  # buffers (BatchNorm statistics, masks) are copied, not averaged
-
-
-# ----------------------------------------------------------------------------- autoregressive pixel models
-# PixelCNN and PixelRNN both start with a 7x7 mask-A convolution, end with 1x1 mask-B convolutions, and
-# read the same per-pixel distributions off their output, so those pieces live here.
-
-class MaskedConv2d(nn.Conv2d):
-    """A convolution that sees only pixels before the centre in raster order (van den Oord et al. 2016).
-
-    Mask A (first layer) also hides the centre pixel itself; mask B (later layers) lets a feature see the
-    centre, which holds only information from earlier pixels after a mask-A layer. With colour
-    (`colors` = 3) the channels are split into R, G, B thirds and, at the centre, R sees nothing of the
-    pixel (A) or only R features (B), G sees R (A) or R, G (B), and B sees R, G (A) or R, G, B (B).
-    A 5x5 kernel, mask A / mask B (1 = used, 0 = masked):
-
-        1 1 1 1 1      1 1 1 1 1
-        1 1 1 1 1      1 1 1 1 1
-        1 1 0 0 0      1 1 1 0 0
-        0 0 0 0 0      0 0 0 0 0
-        0 0 0 0 0      0 0 0 0 0
-
-    The mask is a buffer multiplied into the weight on every forward pass, so the optimizer can never
-    move a masked weight away from zero in effect.
-    """
-
-    def __init__(self, in_ch, out_ch, kernel_size, mask_type, colors=1, **kwargs):
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        super().__init__(in_ch, out_ch, (kh, kw), padding=(kh // 2, kw // 2), **kwargs)
-        assert mask_type in ("A", "B") and in_ch % colors == 0 and out_ch % colors == 0
-        mask = torch.ones_like(self.weight)  # out_ch x in_ch x kh x kw
-        mask[:, :, kh // 2, kw // 2:] = 0  # the centre row, from the centre rightwards
-        mask[:, :, kh // 2 + 1:] = 0  # every row below the centre
-        group_out = torch.arange(out_ch) * colors // out_ch  # colour of each output channel: 0=R, 1=G, 2=B
-        group_in = torch.arange(in_ch) * colors // in_ch
-        sees = group_out[:, None] > group_in[None, :] if mask_type == "A" else group_out[:, None] >= group_in[None, :]
-        mask[:, :, kh // 2, kw // 2] = sees.float()  # the centre pixel: only earlier colours (A) or up to its own (B)
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        return nn.functional.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding, self.dilation)
-
-
-def pixel_levels(binary):
-    """Output values per sub-pixel: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit."""
-    return 1 if binary else 256
-
-
-def pixel_logits(out, colors, binary):
-    """Reshape a network output of colors*levels channels to B x C x levels x H x W (levels = 1 or 256).
-    The channel layout matches MaskedConv2d's colour groups: R's logits first, then G's, then B's."""
-    b, _, h, w = out.shape
-    return out.view(b, colors, pixel_levels(binary), h, w)
-
-
-def pixel_nll(logits, x, binary):
-    """-log p(x) = -sum_i log p(x_i | x_<i), in nats per image (a B-vector).
-
-    `x` holds the targets: 0/1 floats for binarized data, uint8 levels 0..255 for 8-bit data. The network
-    sees x only through masked layers, so the sum over pixels is exactly the chain rule."""
-    if binary:
-        nll = nn.functional.binary_cross_entropy_with_logits(logits[:, :, 0], x.float(), reduction="none")
-    else:
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # B x C x H x W
-    return nll.flatten(1).sum(1)
-
-
-def sample_pixel(logits, binary, generator=None):
-    """Draw one value per sub-pixel from B x C x levels [x ...] logits (0/1 floats, or levels 0..255)."""
-    if binary:
-        return torch.bernoulli(torch.sigmoid(logits[:, :, 0].float()), generator=generator)
-    probs = torch.softmax(logits.float().movedim(2, -1), -1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1]).float()
-
-
-def nats_to_bits_per_dim(nats_per_image, dims):
-    return nats_per_image / (dims * math.log(2))

@@ -15,16 +15,16 @@ with closed forms; in practice the bound's denoising terms reduce to predicting 
 
 Run:
     python ddpm.py --dataset mnist                      # the default model, sized for one GPU
-    python ddpm.py --dataset mnist --sample             # 64 samples from runs/ddpm-mnist/ckpt.pt
-    python ddpm.py --dataset mnist --sample --sampler ddim --sample-steps 50
-    python ddpm.py --dataset mnist --eval --eval-n 1000 # the bound in bits/dim, with its three parts
     python ddpm.py --dataset mnist --device cpu --channels 32 --num-res-blocks 1 --dropout 0 --batch-size 32 \\
         --lr 1e-3 --warmup 200 --ema-decay 0.995 --sampler ddim --sample-every 1000 --steps 4000 --out runs/ddpm-cpu
                                                         # quick CPU run: recognisable digits in 13 min on 2 cores
+    python ddpm.py --out runs/ddpm-cpu --sample --sampler ddim --sample-steps 50   # no model flag: the checkpoint has them
+    python ddpm.py --out runs/ddpm-cpu --eval --eval-n 200                          # the bound in bits/dim, its three parts
 """
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,29 +36,178 @@ import common
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
-    steps: int = common.opt(20000, "training steps", runtime=True)
-    lr: float = common.opt(2e-4, "peak learning rate (Adam)", runtime=True)
-    warmup: int = common.opt(500, "steps of linear learning-rate warm-up", runtime=True)
-    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", runtime=True)
-    ema_decay: float = common.opt(0.999, "EMA decay of the weights used for sampling and --eval", runtime=True)
+class ModelConfig(common.ModelConfig):
     # the diffusion
-    timesteps: int = common.opt(1000, "T, the number of diffusion steps")
+    timesteps: int = common.opt(1000, "T, the number of diffusion steps", "[1, inf)")
     schedule: str = common.opt("linear", "beta schedule", choices=["linear", "sigmoid", "quadratic", "cosine"])
     variance: str = common.opt("fixed-large", "Sigma_theta: beta_t (fixed-large), beta-tilde_t (fixed-small), or learned",
                                choices=["fixed-large", "fixed-small", "learned"])
-    vlb_weight: float = common.opt(0.001, "lambda in L_hybrid = L_simple + lambda L_vlb (learned variance only)")
     # the U-Net
-    channels: int = common.opt(64, "U-Net base width (a multiple of 8)")
+    channels: int = common.opt(64, "U-Net base width (a multiple of 8)", "[8, inf)")
     channel_mults: str = common.opt("1,2,2", "width multiplier per resolution; each level after the first halves H and W")
-    num_res_blocks: int = common.opt(2, "residual blocks per resolution")
-    dropout: float = common.opt(0.1, "dropout in the residual blocks")
-    # sampling and evaluation
-    sampler: str = common.opt("ancestral", "ancestral (all T steps) or ddim", choices=["ancestral", "ddim"], runtime=True)
-    sample_steps: int = common.opt(50, "DDIM steps", runtime=True)
-    eta: float = common.opt(0.0, "DDIM noise: 0 is deterministic, 1 matches the ancestral sampler's variance", runtime=True)
-    eval: bool = common.opt(False, "compute the variational bound (bits/dim) on test images with the checkpoint", runtime=True)
-    eval_n: int = common.opt(1000, "test images for --eval", runtime=True)
+    num_res_blocks: int = common.opt(2, "residual blocks per resolution", "[1, inf)")
+    dropout: float = common.opt(0.1, "dropout in the residual blocks", "[0, 1)")
+
+
+@dataclasses.dataclass
+class Config(common.RunConfig):
+    steps: int = common.opt(20000, "training steps", "[1, inf)")
+    lr: float = common.opt(2e-4, "peak learning rate (Adam)", "(0, inf)")
+    warmup: int = common.opt(500, "steps of linear learning-rate warm-up", "[1, inf)")
+    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
+    ema_decay: float = common.opt(0.999, "EMA decay of the weights used for sampling and --eval", "[0, 1]")
+    vlb_weight: float = common.opt(0.001, "lambda in L_hybrid = L_simple + lambda L_vlb (learned variance only)", "[0, inf)")
+    sampler: str = common.opt("ancestral", "ancestral (Algorithm 2, all T steps) or ddim", choices=["ancestral", "ddim"])
+    sample_steps: int = common.opt(50, "DDIM steps", "[1, inf)")
+    eta: float = common.opt(0.0, "DDIM noise: 0 is deterministic, 1 matches the ancestral sampler's variance", "[0, 1]")
+    eval_n: int = common.opt(1000, "test images for --eval", "[1, inf)")
+
+
+# ----------------------------------------------------------------------------- the diffusion: schedule, q, posterior, bound
+
+def make_betas(schedule, T):
+    """beta_1 .. beta_T. linear is Ho et al.'s 1e-4 .. 0.02 at T = 1000, scaled by 1000/T so that any T adds
+    about the same total noise; sigmoid and quadratic span the same range; cosine is Nichol & Dhariwal's."""
+    scale = 1000 / T
+    lo, hi = 1e-4 * scale, 0.02 * scale
+    if schedule == "linear":
+        betas = torch.linspace(lo, hi, T, dtype=torch.float64)
+    elif schedule == "quadratic":
+        betas = torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2
+    elif schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
+    else:  # cosine: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip keeps the last steps from being singular
+    if not ((betas > 0) & (betas < 1)).all():  # beta_t = 1 would make alpha_bar_T = 0 and the posterior divide by 0
+        raise common.UsageError(f"--timesteps {T} with --schedule {schedule} gives beta_T = {betas.max().item():.3g}, "
+                                f"but every beta must be in (0, 1): use --timesteps 21 or more, or --schedule cosine")
+    return betas
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per dimension, in closed form."""
+    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_std):
+    """log p(x_0 | x_1) for 8-bit data in [-1, 1]: the Gaussian's mass over each pixel's bin of width 2/255,
+    with the end bins stretched to -inf and +inf so that the 256 bins hold all of the mass."""
+    cdf = lambda v: torch.special.ndtr((v - mean) * torch.exp(-log_std))
+    upper = torch.where(x > 0.999, torch.ones_like(x), cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), cdf(x - 1 / 255))
+    return torch.log((upper - lower).clamp(min=1e-12))
+
+
+def extract(a, t):
+    """a[t] reshaped to broadcast over B x C x H x W."""
+    return a[t][:, None, None, None]
+
+
+class Diffusion:
+    """The fixed forward process and the Gaussian algebra of the reverse one. Index t = 0 .. T-1 in code is
+    step t+1 in the paper, so betas[0] is beta_1 and alpha_bar[t] = prod_{s <= t} (1 - betas[s])."""
+
+    def __init__(self, mcfg, device):
+        self.T, self.variance = mcfg.timesteps, mcfg.variance
+        # computed in float64 (as in Ho et al.'s code: products of 1000 numbers near 1), stored in float32
+        betas = make_betas(mcfg.schedule, mcfg.timesteps)
+        alphas = 1 - betas                                               # alpha_t = 1 - beta_t
+        alpha_bar = torch.cumprod(alphas, 0)                             # alpha_bar_t = prod_{s<=t} alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=betas.dtype), alpha_bar[:-1]])  # alpha_bar_{t-1}, alpha_bar_0 = 1
+        beta_tilde = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)      # posterior variance, eq. (7)
+        f32 = lambda v: v.float().to(device)
+        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = f32(betas), f32(alphas), f32(alpha_bar), f32(alpha_bar_prev)
+        self.beta_tilde = f32(beta_tilde)
+        # log beta-tilde_t; beta-tilde_1 = 0, so at t = 1 its log is clipped to log beta-tilde_2 (Ho et al.'s code)
+        self.log_beta_tilde = f32(torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]])))
+        # fixed-large Sigma_t = beta_t, with beta_1 replaced by beta-tilde_2 as in Ho et al.'s code (a better L_0)
+        self.log_sigma2_large = f32(torch.log(torch.cat([beta_tilde[1:2], betas[1:]])))
+        self.log_betas = f32(torch.log(betas))  # log beta_t, the learned variance's upper end, beta_1 included
+        self.coef_x0 = f32(betas * alpha_bar_prev.sqrt() / (1 - alpha_bar))     # posterior mean = coef_x0 x_0
+        self.coef_xt = f32((1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar))  #              + coef_xt x_t, eq. (7)
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: one jump instead of t noising steps."""
+        return extract(self.alpha_bar, t).sqrt() * x0 + (1 - extract(self.alpha_bar, t)).sqrt() * eps
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
+        return extract(self.coef_x0, t) * x0 + extract(self.coef_xt, t) * x_t, extract(self.log_beta_tilde, t)
+
+    def predict_x0(self, x_t, t, eps):
+        """Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (x_t - (1 - extract(self.alpha_bar, t)).sqrt() * eps) / extract(self.alpha_bar, t).sqrt()
+
+    def p_mean_logvar(self, net_out, x_t, t, clip=True):
+        """p(x_{t-1} | x_t) from the network output: (mean, log-variance, predicted x_0).
+
+        The mean of Algorithm 2, mu = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps), is the posterior
+        mean at the predicted x_0. While sampling (clip=True), that x_0 is first clipped to the data range [-1, 1]
+        (as Ho et al.'s code does), so the mean is the posterior mean at the clipped x_0, which equals Algorithm 2's
+        wherever nothing is clipped."""
+        eps, v = net_out.chunk(2, dim=1) if self.variance == "learned" else (net_out, None)
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            mean, _ = self.q_posterior(x0, x_t, t)
+        else:  # Algorithm 2, line 4
+            mean = (x_t - extract(self.betas, t) / (1 - extract(self.alpha_bar, t)).sqrt() * eps) / extract(self.alphas, t).sqrt()
+        if self.variance == "fixed-small":
+            logvar = extract(self.log_beta_tilde, t).expand_as(x_t)
+        elif self.variance == "fixed-large":
+            logvar = extract(self.log_sigma2_large, t).expand_as(x_t)
+        else:  # Nichol & Dhariwal eq. (15): Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), v mapped from [-1, 1]
+            frac = (v + 1) / 2
+            logvar = frac * extract(self.log_betas, t) + (1 - frac) * extract(self.log_beta_tilde, t)
+        return mean, logvar, x0
+
+    def vlb_term(self, net_out, x0, x_t, t, clip=False):
+        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and L_0 = -log p(x_0|x_1) at t = 0;
+        in bits per dimension, one value per image."""
+        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
+        mean, logvar, _ = self.p_mean_logvar(net_out, x_t, t, clip)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2)
+
+    def prior_term(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension: no parameters, near 0 when alpha_bar_T ~ 0."""
+        t = torch.full((len(x0),), self.T - 1, device=x0.device)
+        mean, logvar = extract(self.alpha_bar, t).sqrt() * x0, torch.log(1 - extract(self.alpha_bar, t))
+        return normal_kl(mean, logvar.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
+
+    def training_loss(self, model, x0, vlb_weight=0.0):
+        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), a gradient step on ||eps - eps_theta(x_t, t)||^2 (L_simple,
+        eq. 14). With learned variance, the hybrid L_simple + lambda L_vlb, where the vlb term sees the mean through
+        a stop-gradient so it trains only Sigma. Returns (loss, figures)."""
+        t = torch.randint(0, self.T, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        net_out = model(x_t, t).float()
+        eps_pred = net_out[:, :x0.shape[1]]
+        l_simple = F.mse_loss(eps_pred, eps)
+        if self.variance != "learned":
+            return l_simple, dict(loss=l_simple.detach())
+        frozen = torch.cat([eps_pred.detach(), net_out[:, x0.shape[1]:]], dim=1)  # stop-gradient on the mean
+        l_vlb = self.T * self.vlb_term(frozen, x0, x_t, t).mean()  # L_vlb = sum_t L_t, estimated by T * L_t at the drawn t
+        loss = l_simple + vlb_weight * l_vlb
+        return loss, dict(loss=loss.detach(), l_simple=l_simple.detach(), l_vlb=l_vlb.detach())
+
+    @torch.no_grad()
+    def bound(self, model, x0, rng=None):
+        """The whole variational bound, term by term, in bits/dim per image: (L_T, sum L_{t-1}, L_0)."""
+        prior, denoise, recon = self.prior_term(x0), torch.zeros(len(x0), device=x0.device), None
+        for t_int in range(self.T):
+            t = torch.full((len(x0),), t_int, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, generator=rng))
+            term = self.vlb_term(model(x_t, t).float(), x0, x_t, t, clip=True)
+            if t_int == 0:
+                recon = term
+            else:
+                denoise += term
+        return prior, denoise, recon
 
 
 # ----------------------------------------------------------------------------- the U-Net eps_theta(x_t, t)
@@ -178,235 +327,142 @@ class UNet(nn.Module):
         return self.head(h)
 
 
-def build_model(cfg, img_channels, size):
-    mults = [int(m) for m in cfg.channel_mults.split(",")]
-    halvings = 2 ** (len(mults) - 1)
-    if size[0] % halvings or size[1] % halvings:
-        raise common.UsageError(f"{size[0]}x{size[1]} images cannot be halved {len(mults) - 1} times (--channel-mults "
-                                f"{cfg.channel_mults}); use fewer levels, e.g. --channel-mults 1,2,2 for 28x28 or 32x32")
-    if cfg.channels % 8:
-        raise common.UsageError(f"--channels {cfg.channels} must be a multiple of 8 (GroupNorm uses 8 groups)")
-    return UNet(img_channels, cfg.channels, mults, cfg.num_res_blocks, cfg.dropout, cfg.variance == "learned")
+def build_model(mcfg, shape):
+    """The U-Net for images of `shape` (C, H, W); sizes it cannot take stop with one line."""
+    try:
+        mults = [int(m) for m in mcfg.channel_mults.split(",")]
+    except ValueError:
+        mults = []
+    if not mults or min(mults) < 1:
+        raise common.UsageError(f"--channel-mults {mcfg.channel_mults!r}: give positive integers separated by commas, e.g. 1,2,2")
+    levels = len(mults) - 1
+    if shape[1] % 2 ** levels or shape[2] % 2 ** levels:
+        raise common.UsageError(f"{shape[1]}x{shape[2]} images cannot be halved {levels} times (--channel-mults "
+                                f"{mcfg.channel_mults}); give --channel-mults fewer numbers")
+    if mcfg.channels % 8:
+        raise common.UsageError(f"--channels {mcfg.channels} must be a multiple of 8 (GroupNorm uses 8 groups)")
+    return UNet(shape[0], mcfg.channels, mults, mcfg.num_res_blocks, mcfg.dropout, mcfg.variance == "learned")
 
 
-# ----------------------------------------------------------------------------- the diffusion: schedules and formulas
+# ----------------------------------------------------------------------------- the samplers
 
-def make_betas(schedule, T):
-    """beta_1 .. beta_T. linear is Ho et al.'s 1e-4 .. 0.02 at T = 1000, scaled by 1000/T so that any T adds
-    about the same total noise; sigmoid and quadratic span the same range; cosine is Nichol & Dhariwal's."""
-    scale = 1000 / T
-    lo, hi = 1e-4 * scale, 0.02 * scale
-    if schedule == "linear":
-        return torch.linspace(lo, hi, T, dtype=torch.float64)
-    if schedule == "quadratic":
-        return torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2
-    if schedule == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
-    if schedule == "cosine":  # alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
-        s = 0.008
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip keeps the last steps from being singular
-    raise ValueError(schedule)
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per dimension, in closed form."""
-    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+@torch.no_grad()
+def sample_ancestral(diffusion, model, shape, rng, frames=0, progress=False):
+    """Algorithm 2: x_T ~ N(0, I); for t = T .. 1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at
+    the last step). Returns x_0 in [-1, 1] and `frames` snapshots along the way (x_T first)."""
+    device = diffusion.betas.device
+    x = torch.randn(shape, device=device, generator=rng)
+    keep = set(torch.linspace(0, diffusion.T - 1, frames).round().long().tolist()) if frames else set()
+    snapshots = [x] if frames else []
+    for i, t_int in enumerate(tqdm(range(diffusion.T - 1, -1, -1), desc="sampling (ancestral)", leave=False, disable=not progress)):
+        t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
+        mean, logvar, _ = diffusion.p_mean_logvar(model(x, t).float(), x, t)
+        z = torch.randn(shape, device=device, generator=rng) if t_int > 0 else torch.zeros_like(x)
+        x = mean + torch.exp(0.5 * logvar) * z
+        if i in keep:
+            snapshots.append(x)
+    return x.clamp(-1, 1), snapshots
 
 
-def discretized_gaussian_log_likelihood(x, mean, log_std):
-    """log p(x_0 | x_1) for 8-bit data in [-1, 1]: the Gaussian's mass over each pixel's bin of width 2/255,
-    with the end bins stretched to -inf and +inf so that the 256 bins hold all of the mass."""
-    cdf = lambda v: torch.special.ndtr((v - mean) * torch.exp(-log_std))
-    upper = torch.where(x > 0.999, torch.ones_like(x), cdf(x + 1 / 255))
-    lower = torch.where(x < -0.999, torch.zeros_like(x), cdf(x - 1 / 255))
-    return torch.log((upper - lower).clamp(min=1e-12))
+def ddim_step(ab, ab_prev, x0, eps, eta):
+    """One DDIM step from alpha_bar_t = ab to alpha_bar_prev = ab_prev: (the mean of x_prev, sigma)."""
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps, sigma
 
 
-def extract(a, t):
-    """a[t] reshaped to broadcast over B x C x H x W."""
-    return a[t].float()[:, None, None, None]
+@torch.no_grad()
+def sample_ddim(diffusion, model, shape, steps, eta, rng, frames=0, progress=False):
+    """DDIM (Song et al. 2021, eq. 12) on `steps` of the T steps:
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
+        sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)  (eta = 0: deterministic)."""
+    device = diffusion.betas.device
+    x = torch.randn(shape, device=device, generator=rng)
+    ts = torch.linspace(diffusion.T - 1, 0, steps).round().long().tolist()
+    keep = set(torch.linspace(0, len(ts) - 1, frames).round().long().tolist()) if frames else set()
+    snapshots = [x] if frames else []
+    for i, t_int in enumerate(tqdm(ts, desc="sampling (ddim)", leave=False, disable=not progress)):
+        t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
+        _, _, x0 = diffusion.p_mean_logvar(model(x, t).float(), x, t)  # the clipped x_0
+        ab = extract(diffusion.alpha_bar, t)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the eps that goes with the clipped x_0
+        ab_prev = extract(diffusion.alpha_bar, torch.full_like(t, ts[i + 1])) if i + 1 < len(ts) else torch.ones_like(ab)
+        mean, sigma = ddim_step(ab, ab_prev, x0, eps, eta)
+        x = mean + sigma * torch.randn(shape, device=device, generator=rng)
+        if i in keep:
+            snapshots.append(x)
+    return x.clamp(-1, 1), snapshots
 
 
-class Diffusion:
-    """The fixed forward process and the Gaussian algebra of the reverse one. Index t = 0 .. T-1 in code is
-    step t+1 in the paper, so betas[0] is beta_1 and alpha_bar[t] = prod_{s <= t} (1 - betas[s])."""
-
-    def __init__(self, cfg, device):
-        self.T, self.variance, self.vlb_weight = cfg.timesteps, cfg.variance, cfg.vlb_weight
-        b = make_betas(cfg.schedule, cfg.timesteps)  # float64 for the products, as in Ho et al.'s code
-        ab = torch.cumprod(1 - b, 0)
-        ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
-        # posterior q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, beta_tilde_t), Ho et al. eq. (6)-(7)
-        beta_tilde = b * (1 - ab_prev) / (1 - ab)
-        log_beta_tilde = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))  # beta_tilde_1 = 0: use beta_tilde_2
-        tensors = dict(betas=b, alpha_bar=ab, alpha_bar_prev=ab_prev, beta_tilde=beta_tilde,
-                       log_beta_tilde=log_beta_tilde, log_betas=torch.log(torch.cat([beta_tilde[1:2], b[1:]])),
-                       coef_x0=b * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - b).sqrt() / (1 - ab))
-        for name, v in tensors.items():
-            setattr(self, name, v.to(device))
-
-    def q_sample(self, x0, t, eps):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: one jump instead of t noising steps."""
-        return extract(self.alpha_bar, t).sqrt() * x0 + (1 - extract(self.alpha_bar, t)).sqrt() * eps
-
-    def q_posterior(self, x0, x_t, t):
-        """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
-        return extract(self.coef_x0, t) * x0 + extract(self.coef_xt, t) * x_t, extract(self.log_beta_tilde, t)
-
-    def predict_x0(self, x_t, t, eps):
-        """Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (x_t - (1 - extract(self.alpha_bar, t)).sqrt() * eps) / extract(self.alpha_bar, t).sqrt()
-
-    def p_mean_logvar(self, out, x_t, t, clip=True):
-        """p(x_{t-1} | x_t) from the network output: the mean via the predicted x_0 in the posterior's formula
-        (clipped to the data range while sampling), the log-variance fixed or learned."""
-        eps, v = out.chunk(2, dim=1) if self.variance == "learned" else (out, None)
-        x0 = self.predict_x0(x_t, t, eps)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        mean, _ = self.q_posterior(x0, x_t, t)
-        if self.variance == "fixed-small":
-            logvar = extract(self.log_beta_tilde, t).expand_as(x_t)
-        elif self.variance == "fixed-large":
-            logvar = extract(self.log_betas, t).expand_as(x_t)
-        else:  # Nichol & Dhariwal eq. (15): Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), v mapped from [-1, 1]
-            frac = (v + 1) / 2
-            logvar = frac * extract(self.log_betas, t) + (1 - frac) * extract(self.log_beta_tilde, t)
-        return mean, logvar, x0
-
-    def vlb_term(self, out, x0, x_t, t, clip=False):
-        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and L_0 = -log p(x_0|x_1) at t = 0;
-        in bits per dimension, one value per image."""
-        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
-        mean, logvar, _ = self.p_mean_logvar(out, x_t, t, clip)
-        kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1)
-        return torch.where(t == 0, nll, kl) / math.log(2)
-
-    def prior_term(self, x0):
-        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension: no parameters, near 0 when alpha_bar_T ~ 0."""
-        t = torch.full((len(x0),), self.T - 1, device=x0.device)
-        mean, logvar = extract(self.alpha_bar, t).sqrt() * x0, torch.log(1 - extract(self.alpha_bar, t))
-        return normal_kl(mean, logvar.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
-
-    def loss(self, model, x0):
-        """L_simple (Ho et al. eq. 14) at a uniformly drawn t; with learned variance the hybrid
-        L_simple + lambda L_vlb, where the vlb term sees the mean through a stop-gradient so it trains only Sigma."""
-        t = torch.randint(0, self.T, (len(x0),), device=x0.device)
-        eps = torch.randn_like(x0)
-        out = model(self.q_sample(x0, t, eps), t).float()
-        eps_pred = out[:, :x0.shape[1]]
-        l_simple = F.mse_loss(eps_pred, eps)
-        if self.variance != "learned":
-            return l_simple, dict(loss=l_simple.item())
-        frozen = torch.cat([eps_pred.detach(), out[:, x0.shape[1]:]], dim=1)  # stop-gradient on the mean
-        # L_vlb = sum_t L_t, estimated by T * L_t at the drawn t
-        l_vlb = self.T * self.vlb_term(frozen, x0, self.q_sample(x0, t, eps), t).mean()
-        loss = l_simple + self.vlb_weight * l_vlb
-        return loss, dict(loss=loss.item(), l_simple=l_simple.item(), l_vlb=l_vlb.item())
-
-    # ------------------------------------------------------------------------- samplers
-
-    def ddim_step(self, x_t, t, t_prev, x0, eps, eta):
-        """Song et al. eq. (12): x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z, with
-        sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev). Returns (mean, sigma)."""
-        ab = extract(self.alpha_bar, t)
-        ab_prev = extract(self.alpha_bar, t_prev) if t_prev[0] >= 0 else torch.ones_like(ab)
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps, sigma
-
-    @torch.no_grad()
-    def sample(self, model, shape, sampler="ancestral", steps=50, eta=0.0, frames=0, progress=False, seed=0):
-        """Run the reverse process from x_T ~ N(0, I). Returns x_0 in [-1, 1] and `frames` snapshots of the way.
-        Its own seeded generator: every grid of a run starts from the same x_T, and training's RNG is untouched."""
-        device = self.betas.device
-        g = torch.Generator(device).manual_seed(seed)
-        noise = lambda: torch.randn(shape, device=device, generator=g)
-        x = noise()
-        ts = list(range(self.T - 1, -1, -1)) if sampler == "ancestral" else \
-            torch.linspace(self.T - 1, 0, steps).round().long().tolist()
-        keep = set(torch.linspace(0, len(ts) - 1, frames).round().long().tolist()) if frames else set()
-        snapshots = [x] if frames else []
-        for i, t_int in enumerate(tqdm(ts, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
-            t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-            out = model(x, t).float()
-            if sampler == "ancestral":  # x_{t-1} = mu_theta + Sigma^(1/2) z, no noise at the last step
-                mean, logvar, _ = self.p_mean_logvar(out, x, t)
-                x = mean + (t_int > 0) * torch.exp(0.5 * logvar) * noise()
-            else:
-                _, _, x0 = self.p_mean_logvar(out, x, t)
-                eps = (x - extract(self.alpha_bar, t).sqrt() * x0) / (1 - extract(self.alpha_bar, t)).sqrt()  # eps of the clipped x0
-                t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
-                mean, sigma = self.ddim_step(x, t, t_prev, x0, eps, eta)
-                x = mean + sigma * noise()
-            if i in keep:
-                snapshots.append(x)
-        return x.clamp(-1, 1), snapshots
-
-    @torch.no_grad()
-    def bound(self, model, x0):
-        """The whole variational bound, term by term, in bits/dim per image: (L_T, sum L_{t-1}, L_0)."""
-        prior, denoise, recon = self.prior_term(x0), torch.zeros(len(x0), device=x0.device), None
-        for t_int in range(self.T):
-            t = torch.full((len(x0),), t_int, device=x0.device, dtype=torch.long)
-            x_t = self.q_sample(x0, t, torch.randn_like(x0))
-            term = self.vlb_term(model(x_t, t).float(), x0, x_t, t, clip=True)
-            if t_int == 0:
-                recon = term
-            else:
-                denoise += term
-        return prior, denoise, recon
+def sample(diffusion, model, shape, cfg, seed, frames=0, progress=False):
+    """The sampler that --sampler names, from its own seeded generator: every grid of a run starts from the same
+    x_T, and the training run's random numbers are untouched."""
+    rng = torch.Generator(diffusion.betas.device).manual_seed(seed)
+    if cfg.sampler == "ancestral":
+        return sample_ancestral(diffusion, model, shape, rng, frames, progress)
+    return sample_ddim(diffusion, model, shape, cfg.sample_steps, cfg.eta, rng, frames, progress)
 
 
-# ----------------------------------------------------------------------------- pictures, training, sampling, eval
+# ----------------------------------------------------------------------------- pictures
 
-def to_unit(x):
-    return (x + 1) / 2
-
-
-def process_strip(rows):
-    """Rows of snapshots (a list of B x C x H x W) -> one grid with a row per image and a column per snapshot."""
-    return torch.stack(rows, dim=1).flatten(0, 1)
+def strip(columns):
+    """Columns of snapshots (a list of B x C x H x W in [-1, 1]) -> one grid: a row per image, a column per snapshot."""
+    return common.signed_to_unit(torch.stack(columns, dim=1).flatten(0, 1).clamp(-1, 1))
 
 
-def setup(cfg, device, split="train"):
-    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, split, device)
-    model = build_model(cfg, x.shape[1], x.shape[2:]).to(device)
-    return x, model, Diffusion(cfg, device)
+def forward_process_picture(diffusion, x0, path, seed):
+    """x_0 -> x_T for a few training images: q(x_t | x_0) at ten t from 0 to T-1."""
+    rng = torch.Generator(x0.device).manual_seed(seed)
+    ts = torch.linspace(0, diffusion.T - 1, 10).round().long().to(x0.device)
+    cols = [x0] + [diffusion.q_sample(x0, t.repeat(len(x0)), torch.randn(x0.shape, device=x0.device, generator=rng)) for t in ts]
+    common.save_grid(strip(cols), path, nrow=len(cols))
 
+
+def sample_pictures(diffusion, ema, cfg, shape, out, step):
+    """samples_<step>.png; at the end of the run also reverse_process.png, x_T -> x_0 for 8 of them."""
+    with common.autocast(diffusion.betas.device, cfg.precision):
+        x, frames = sample(diffusion, ema, shape, cfg, cfg.seed, frames=10)
+    common.save_grid(common.signed_to_unit(x), out / f"samples_{step}.png")
+    if step == cfg.steps:
+        common.save_grid(strip([f[:8] for f in frames]), out / "reverse_process.png", nrow=len(frames))
+
+
+# ----------------------------------------------------------------------------- training
 
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    out = common.start_run(cfg, "ddpm")
-    x_train, model, diffusion = setup(cfg, device)
+    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
+    diffusion = Diffusion(cfg.model, device)  # a bad schedule stops here, before anything is written
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)
     ema = common.make_ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = common.data_generator(device, cfg.seed)
-    step = common.load_checkpoint(out / "ckpt.pt", "ddpm", cfg, model=model, ema=ema, opt=opt, gen=gen) if cfg.resume else 0
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"ddpm: {n_params / 1e6:.2f}M parameters, {len(x_train)} training images {tuple(x_train.shape[1:])}, {device}")
+    data_rng = common.data_generator(device, cfg.seed)
+    out = common.start_run(cfg)
+    step = common.load_checkpoint(out / "ckpt.pt", "ddpm", data_rng, model=model, ema=ema, opt=opt) if cfg.resume else 0
+    common.check_resume(cfg, step)
+    print(f"ddpm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training images "
+          f"{tuple(x_train.shape[1:])}, {device}")
+    if step == 0:
+        common.run_safely("forward_process.png", lambda: forward_process_picture(
+            diffusion, common.uint8_to_signed(x_train[:8]), out / "forward_process.png", cfg.seed))
     forward_model = common.maybe_compile(model, cfg)
     shape = (cfg.num_samples, *x_train.shape[1:])
-    if step == 0:  # the forward process x_0 -> x_T, once per run
-        x0 = common.to_signed(x_train[:8])
-        ts = torch.linspace(0, cfg.timesteps - 1, 10).round().long().to(device)
-        cols = [x0] + [diffusion.q_sample(x0, t.repeat(8), torch.randn_like(x0)) for t in ts]
-        common.save_grid(to_unit(process_strip(cols)), out / "forward_process.png", nrow=len(cols))
-    log = common.Logger(out, cfg.steps, step)
-    save = lambda: common.save_checkpoint(out / "ckpt.pt", "ddpm", cfg, step, model=model, ema=ema, opt=opt, gen=gen)
-    try:
-        while step < cfg.steps:
-            x0 = common.to_signed(common.random_batch(x_train, cfg.batch_size, gen))
+    start, log = step, common.Logger(out, cfg.steps, step)
+    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "ddpm", cfg, step, rng, model=model, ema=ema, opt=opt)
+    with common.CtrlC() as ctrl_c:
+        while step < cfg.steps and not ctrl_c.requested:
+            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
+            x0 = common.uint8_to_signed(common.random_batch(x_train, cfg.batch_size, data_rng))
             for g in opt.param_groups:  # linear warm-up: large early updates would undo the zero-initialised layers
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             with common.autocast(device, cfg.precision):
-                loss, figures = diffusion.loss(forward_model, x0)
-            common.check_finite(loss, step)
+                loss, figures = diffusion.training_loss(forward_model, x0, cfg.vlb_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            common.check_finite(step, loss=loss, grad_norm=figures["grad_norm"])  # before the update is applied
+            if step > start and step % cfg.ckpt_every == 0:
+                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
             opt.step()
             common.ema_update(ema, model, cfg.ema_decay, step)
             step += 1
@@ -414,68 +470,60 @@ def train(cfg):
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, **figures)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                with common.autocast(device, cfg.precision):
-                    x, frames = diffusion.sample(ema, shape, cfg.sampler, cfg.sample_steps, cfg.eta, frames=10, seed=cfg.seed)
-                common.save_grid(to_unit(x), out / f"samples_{step}.png")
-                if step == cfg.steps:  # the reverse process x_T -> x_0 for 8 samples, once per run
-                    common.save_grid(to_unit(process_strip([f[:8].clamp(-1, 1) for f in frames])),
-                                     out / "reverse_process.png", nrow=len(frames))
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        print(f"interrupted: checkpoint saved at step {step}")
-        raise SystemExit(130)
+                common.run_safely("the sample grid", lambda: sample_pictures(diffusion, ema, cfg, shape, out, step))
+    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
+    ctrl_c.exit_if_requested(step)
     print(f"done: {out}")
 
 
+# ----------------------------------------------------------------------------- the other modes
+
 def load_for_inference(cfg):
+    """(the EMA U-Net that samples and evaluates, the test images as uint8, their labels) from the run in --out."""
     device = common.get_device(cfg.device)
-    x_test, model, diffusion = setup(cfg, device, "test")
-    ema = common.make_ema(model)
-    out = common.out_dir(cfg, "ddpm")
-    common.load_checkpoint(out / "ckpt.pt", "ddpm", cfg, model=model, ema=ema)
-    common.seed_everything(cfg.seed)  # after loading, which restores the training run's RNG state
-    return device, x_test, ema, diffusion, out
-
-
-def sample_from_checkpoint(cfg):
-    device, x_test, ema, diffusion, out = load_for_inference(cfg)
-    start, chunks = time.time(), []
-    for n in range(0, cfg.num_samples, 500):  # bounded memory for any --num-samples
-        shape = (min(500, cfg.num_samples - n), *x_test.shape[1:])
-        with common.autocast(device, cfg.precision):
-            x = diffusion.sample(ema, shape, cfg.sampler, cfg.sample_steps, cfg.eta, progress=True, seed=cfg.seed + n)[0]
-        chunks.append(to_unit(x).float())
-    samples = torch.cat(chunks).cpu()
-    common.save_grid(samples[:256], out / "samples.png")
-    torch.save(samples, out / "samples.pt")
-    print(f"{len(samples)} samples ({cfg.sampler}) in {time.time() - start:.1f}s -> {out}/samples.png, samples.pt")
+    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    ema = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "ddpm", ema=ema)
+    return ema, x_test, y_test
 
 
 def evaluate(cfg):
     """The bound on test images: -log p(x_0) <= L_T + sum_t L_{t-1} + L_0, in bits/dim (T network passes per image)."""
-    device, x_test, ema, diffusion, out = load_for_inference(cfg)
+    ema, x_test, _ = load_for_inference(cfg)
+    diffusion = Diffusion(cfg.model, x_test.device)
     x_test = x_test[:cfg.eval_n]
+    rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
     parts = torch.zeros(3)
-    for i in tqdm(range(0, len(x_test), cfg.batch_size), desc="eval"):
-        x0 = common.to_signed(x_test[i:i + cfg.batch_size])
-        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, x0)])
+    for i in tqdm(range(0, len(x_test), cfg.batch_size), desc="the bound"):
+        x0 = common.uint8_to_signed(x_test[i:i + cfg.batch_size])
+        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, x0, rng)])
     prior, denoise, recon = (parts / len(x_test)).tolist()
-    print(f"variational bound on {len(x_test)} test images of {cfg.dataset} (bits/dim)")
-    print(f"  L_T      prior matching   {prior:8.4f}")
-    print(f"  L_t-1    denoising        {denoise:8.4f}")
-    print(f"  L_0      reconstruction   {recon:8.4f}")
-    print(f"  NLL <=   total            {prior + denoise + recon:8.4f}")
+    rows = {"L_T      prior matching (bits/dim)": prior, "L_t-1    denoising (bits/dim)": denoise,
+            "L_0      reconstruction (bits/dim)": recon, "NLL <=   total (bits/dim)": prior + denoise + recon}
+    return common.report(cfg.out, f"variational bound on {len(x_test)} test images of {cfg.model.dataset}", rows, n=len(x_test))
+
+
+def sample_from_checkpoint(cfg):
+    ema, x_test, _ = load_for_inference(cfg)
+    diffusion = Diffusion(cfg.model, x_test.device)
+    start, chunks = time.time(), []
+    for n in range(0, cfg.num_samples, 500):  # bounded memory for any --num-samples
+        shape = (min(500, cfg.num_samples - n), *x_test.shape[1:])
+        with common.autocast(x_test.device, cfg.precision):
+            chunks.append(common.signed_to_unit(sample(diffusion, ema, shape, cfg, cfg.seed + n, progress=True)[0]).float())
+    samples = torch.cat(chunks).cpu()
+    common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
+    torch.save(samples, Path(cfg.out) / "samples.pt")
+    print(f"{len(samples)} samples ({cfg.sampler}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
 
 
 @common.entry
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_args(ModelConfig, Config, "ddpm", argv)
     if cfg.sample:
         sample_from_checkpoint(cfg)
     elif cfg.eval:
-        evaluate(cfg)
+        return evaluate(cfg)
     else:
         train(cfg)
 

@@ -52,3 +52,31 @@ def data_dir(tmp_path_factory):
         with open(cifar / name, "wb") as f:
             pickle.dump(batch, f)
     return root
+
+
+def sigint_at(monkeypatch, step):
+    """Send Ctrl-C (SIGINT) to this process right after the progress line of `step` (run with --log-every 1)."""
+    import os
+    import signal
+
+    import common
+    log = common.Logger.log
+
+    def log_then_interrupt(self, s, **figures):
+        log(self, s, **figures)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(common.Logger, "log", log_then_interrupt)
+
+
+def same_weights(ckpt_a, ckpt_b, key="model"):
+    """True when two checkpoint files hold bit-identical tensors under `key` (a state dict)."""
+    a = torch.load(ckpt_a, weights_only=True)[key]
+    b = torch.load(ckpt_b, weights_only=True)[key]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def folder_snapshot(folder):
+    """{relative path: bytes} of every file under `folder`: to show that bad input wrote nothing."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

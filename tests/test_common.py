@@ -1,5 +1,9 @@
-"""Tests of the shared helpers: CLI parsing, data loading and its errors, checkpoints, EMA."""
+"""Tests of the shared infrastructure: the CLI and its checks, data loading and its errors, checkpoints, logs,
+Ctrl-C, EMA."""
 import dataclasses
+import json
+import os
+import signal
 
 import pytest
 import torch
@@ -9,20 +13,67 @@ import common
 
 
 @dataclasses.dataclass
-class Cfg(common.TrainConfig):
-    width: int = common.opt(8, "a model knob")
-    flag: bool = common.opt(False, "a switch")
+class Model(common.ModelConfig):
+    width: int = common.opt(8, "a model knob", "[1, inf)")
 
 
-def test_cli_accepts_both_forms():
-    cfg = common.parse_config(Cfg, ["--batch-size", "7", "--lr=0.5", "--flag", "--width=3"])
-    assert (cfg.batch_size, cfg.lr, cfg.flag, cfg.width) == (7, 0.5, True, 3)
-    assert common.parse_config(Cfg, []).batch_size == 128
+@dataclasses.dataclass
+class Run(common.RunConfig):
+    rate: float = common.opt(0.5, "a run knob in [0, 1)", "[0, 1)")
+
+
+def parse(*argv):
+    return common.parse_args(Model, Run, "toy", list(argv))
+
+
+def test_cli_accepts_both_forms_and_splits_model_from_run_options(tmp_path):
+    cfg = parse("--batch-size", "7", "--lr=0.5", "--compile", "--width=3", "--out", str(tmp_path / "a"))
+    assert (cfg.batch_size, cfg.lr, cfg.compile, cfg.model.width) == (7, 0.5, True, 3)
+    assert not hasattr(cfg, "width") and not hasattr(cfg.model, "lr")
+    assert parse().batch_size == 128 and parse().out == "runs/toy-mnist"
+
+
+@pytest.mark.parametrize("value,valid,ok", [
+    (0, "[0, 1)", True), (1, "[0, 1)", False), (0, "(0, inf)", False), (1e9, "(0, inf)", True),
+    (float("nan"), "[0, 1]", False), (float("inf"), "[1, inf)", False), (-1, "[-1, 9]", True), (10, "[-1, 9]", False)])
+def test_ranges_in_interval_notation(value, valid, ok):
+    if ok:
+        common.check_range("--x", value, valid)
+    else:
+        with pytest.raises(common.UsageError, match=r"--x .*must be in"):
+            common.check_range("--x", value, valid)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--width", "0"], "--width 0: must be in [1, inf)"), (["--rate", "1"], "--rate 1.0: must be in [0, 1)"),
+    (["--steps", "-1"], "--steps -1"), (["--batch-size", "abc"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"), (["--sample", "--eval"], "--sample and --eval cannot go together")])
+def test_bad_flags_are_one_usage_error(argv, words):
+    with pytest.raises(common.UsageError) as e:
+        parse(*argv)
+    assert words in str(e.value)
+
+
+def test_the_checkpoint_supplies_the_model_options(tmp_path):
+    out = tmp_path / "run"
+    cfg = parse("--width", "3", "--out", str(out))
+    common.start_run(cfg)
+    common.save_checkpoint(out / "ckpt.pt", "toy", cfg, 5, common.rng_state(torch.Generator()), model=nn.Linear(2, 2))
+    assert json.loads((out / "config.json").read_text())["model"]["width"] == 3
+    assert parse("--out", str(out), "--sample").model.width == 3  # no model flag needed
+    assert parse("--out", str(out), "--sample", "--width", "3").model.width == 3  # an agreeing one is fine
+    with pytest.raises(common.UsageError, match=r"--width 3 \(now 4\); drop --width"):
+        parse("--out", str(out), "--sample", "--width", "4")
+    with pytest.raises(common.UsageError, match="already holds a run; pass --resume"):
+        parse("--out", str(out))
+    with pytest.raises(common.UsageError, match="written by toy.py, not vae.py"):
+        common.parse_args(Model, Run, "vae", ["--out", str(out), "--eval"])
+    with pytest.raises(common.UsageError, match="no checkpoint at"):
+        parse("--out", str(tmp_path / "none"), "--resume")
 
 
 def test_precision_bf16_only_by_default_on_cuda_and_on_the_cpu_when_asked():
     layer, x, cpu = nn.Linear(4, 4), torch.randn(2, 4), torch.device("cpu")
-    assert common.parse_config(Cfg, []).precision == "auto"
     for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
         with common.autocast(cpu, precision):
             assert layer(x).dtype == dtype, precision
@@ -55,39 +106,74 @@ def test_missing_mnist_says_where_to_put_it_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_unknown_dataset():
-    with pytest.raises(common.UsageError, match="unknown dataset"):
-        common.load_dataset("imagenet-42", "./data", "train")
-
-
-def test_binarizations():
+def test_binary_rule_and_binarizations():
+    assert common.is_binary(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+    assert not common.is_binary(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
     x = torch.full((1000,), 64, dtype=torch.uint8)
     b = common.binarize(x)
     assert set(b.unique().tolist()) <= {0.0, 1.0} and abs(b.mean().item() - 64 / 255) < 0.05
     assert torch.equal(common.fixed_binarization(x, seed=3), common.fixed_binarization(x, seed=3))
+    assert common.uint8_to_signed(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1, 1]
+    assert common.signed_to_unit(torch.tensor([-1.0, 1.0])).tolist() == [0, 1]
 
 
-def test_checkpoint_roundtrip_and_refusals(tmp_path):
-    cfg = Cfg()
-    model = nn.Linear(3, 2)
-    gen = torch.Generator().manual_seed(5)
-    common.save_checkpoint(tmp_path / "ckpt.pt", "toy", cfg, 42, model=model, gen=gen)
+def test_checkpoint_roundtrip_restores_weights_and_rngs(tmp_path):
+    cfg = parse("--out", str(tmp_path))
+    model, data_rng = nn.Linear(3, 2), torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    rng = common.rng_state(data_rng)
+    want = torch.rand(3), torch.rand(3, generator=data_rng)
+    common.save_checkpoint(tmp_path / "ckpt.pt", "toy", cfg, 42, rng, model=model)
     assert not (tmp_path / "ckpt.pt.tmp").exists()
-    other = nn.Linear(3, 2)
-    assert common.load_checkpoint(tmp_path / "ckpt.pt", "toy", Cfg(steps=9), model=other, gen=torch.Generator()) == 42
+    other, other_rng = nn.Linear(3, 2), torch.Generator()
+    assert common.load_checkpoint(tmp_path / "ckpt.pt", "toy", other_rng, model=other) == 42
     assert torch.equal(other.weight, model.weight)
-    with pytest.raises(common.UsageError, match="written by toy.py, not vae.py"):
-        common.load_checkpoint(tmp_path / "ckpt.pt", "vae", cfg, model=other)
-    with pytest.raises(common.UsageError, match="--width 8"):
-        common.load_checkpoint(tmp_path / "ckpt.pt", "toy", Cfg(width=4), model=other)
+    assert torch.equal(torch.rand(3), want[0]) and torch.equal(torch.rand(3, generator=other_rng), want[1])
 
 
-def test_start_run_refuses_to_overwrite(tmp_path):
-    cfg = Cfg(out=str(tmp_path / "run"))
-    out = common.start_run(cfg, "toy")
-    (out / "ckpt.pt").write_bytes(b"x")
-    with pytest.raises(common.UsageError, match="already holds a run"):
-        common.start_run(cfg, "toy")
+def test_non_finite_weights_are_never_saved(tmp_path):
+    cfg, model = parse("--out", str(tmp_path)), nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(common.UsageError, match="non-finite weights at step 3"):
+        common.save_checkpoint(tmp_path / "ckpt.pt", "toy", cfg, 3, common.rng_state(torch.Generator()), model=model)
+    assert not (tmp_path / "ckpt.pt").exists()
+    with pytest.raises(common.UsageError, match="the loss became nan at step 8"):
+        common.check_finite(7, loss=torch.tensor(float("nan")), grad_norm=1.0)
+    common.check_finite(7, loss=torch.tensor(1.0), grad_norm=torch.tensor(2.0))
+
+
+def test_logger_keeps_one_line_per_step_after_a_resume(tmp_path):
+    log = common.Logger(tmp_path, 10)
+    for step in (2, 4, 6):
+        log.log(step, loss=1.0)
+    common.Logger(tmp_path, 10, start_step=4)  # the checkpoint was at step 4; step 6 was logged before a crash
+    assert [json.loads(s)["step"] for s in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_ctrl_c_first_asks_then_stops(capsys):
+    with common.CtrlC() as ctrl_c:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(SystemExit) as e:
+            ctrl_c.exit_if_requested(5)
+    assert e.value.code == 130 and "step 5" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_report_prints_and_writes_eval_json(tmp_path, capsys):
+    result = common.report(tmp_path, "the title", {"nll": 80.5}, n=10)
+    assert result == {"n": 10, "nll": 80.5} and json.loads((tmp_path / "eval.json").read_text()) == result
+    assert "80.5000" in capsys.readouterr().out
+
+
+def test_run_safely_reports_and_goes_on(capsys):
+    def boom():
+        raise RuntimeError("no memory\nsecond line")
+    assert common.run_safely("the grid", boom) is None
+    assert "warning: the grid failed (RuntimeError: no memory)" in capsys.readouterr().out
 
 
 def test_ema_tracks_the_average():
@@ -109,37 +195,3 @@ def test_entry_turns_usage_error_into_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: do this instead"
-
-
-@pytest.mark.parametrize("mask_type", ["A", "B"])
-@pytest.mark.parametrize("colors", [1, 3])
-def test_masked_conv_is_causal_in_raster_and_channel_order(mask_type, colors):
-    """d out[c, i] / d in[c', j] is exactly 0 for every input (j, c') at or after (i, c) in raster-then-colour
-    order (mask B allows the same sub-pixel's own feature, c' == c, at j == i)."""
-    torch.manual_seed(0)
-    conv = common.MaskedConv2d(colors, colors, 5, mask_type, colors=colors)
-    with torch.no_grad():
-        conv.weight.fill_(1.0)  # all ones, so "not masked" shows up as a non-zero gradient
-    h = w = 5
-    x = torch.randn(1, colors, h, w, requires_grad=True)
-    i, j = 2, 2
-    for c in range(colors):
-        grad, = torch.autograd.grad(conv(x)[0, c, i, j], x)
-        for cc in range(colors):
-            for r in range(h):
-                for s in range(w):
-                    later = (r, s) > (i, j) or ((r, s) == (i, j) and (cc > c if mask_type == "B" else cc >= c))
-                    near = abs(r - i) <= 2 and abs(s - j) <= 2
-                    assert (grad[0, cc, r, s] == 0) == (later or not near), (c, cc, r, s)
-
-
-def test_pixel_nll_is_the_chain_rule_sum():
-    logits = torch.randn(2, 3, 256, 4, 4)
-    x = torch.randint(0, 256, (2, 3, 4, 4))
-    want = -torch.log_softmax(logits, 2).gather(2, x[:, :, None]).flatten(1).sum(1)
-    assert torch.allclose(common.pixel_nll(logits, x, binary=False), want, atol=1e-4)
-    blog = torch.randn(2, 1, 1, 4, 4)
-    xb = torch.randint(0, 2, (2, 1, 4, 4)).float()
-    p = torch.sigmoid(blog[:, :, 0])
-    want_b = -(xb * p.log() + (1 - xb) * (1 - p).log()).flatten(1).sum(1)
-    assert torch.allclose(common.pixel_nll(blog, xb, binary=True), want_b, atol=1e-4)
