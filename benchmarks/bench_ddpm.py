@@ -10,6 +10,7 @@ this project: pip install denoising-diffusion-pytorch (with its own needs) to ru
 Timings take the median of --repeats runs after --warmup steps. Random data: speed does not depend on it.
 """
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -53,12 +54,13 @@ def train_step_fn(loss_fn, params, device, precision, batch):
 
 
 def bench_ours(name, overrides, args, device, precision, compile_):
-    cfg = ddpm.Config(**overrides, precision=precision, compile=compile_)
-    model = ddpm.build_model(cfg, 1, (28, 28)).to(device)
-    d = ddpm.Diffusion(cfg, device)
+    mcfg = ddpm.ModelConfig(**overrides)
+    cfg = ddpm.Config(precision=precision, compile=compile_, sampler="ddim", sample_steps=50, model=mcfg)
+    model = ddpm.build_model(mcfg, (1, 28, 28)).to(device)
+    d = ddpm.Diffusion(mcfg, device)
     fwd = common.maybe_compile(model, cfg)
     batch = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
-    step = train_step_fn(lambda x: d.loss(fwd, x)[0], model.parameters(), device, precision, batch)
+    step = train_step_fn(lambda x: d.training_loss(fwd, x)[0], model.parameters(), device, precision, batch)
     for _ in range(args.warmup):
         step()
     sec = timed(lambda: [step() for _ in range(args.steps)], device, args.repeats) / args.steps
@@ -66,12 +68,13 @@ def bench_ours(name, overrides, args, device, precision, compile_):
     label = f"{name} {precision}{' compile' if compile_ else ''}"
     print(f"{label:46s} {n_params:5.2f}M  train {args.batch_size / sec:8.1f} img/s", flush=True)
     model.eval()
+    ancestral = dataclasses.replace(cfg, sampler="ancestral")
     with torch.no_grad(), common.autocast(device, precision):
         for n in args.sample_sizes:
-            ddim = timed(lambda: d.sample(fwd, (n, 1, 28, 28), "ddim", 50), device, 1)
+            ddim = timed(lambda: ddpm.sample(d, fwd, (n, 1, 28, 28), cfg, seed=0), device, 1)
             line = f"{'':46s}        sample {n:3d}: DDIM-50 {ddim:7.2f} s"
             if args.ancestral:
-                line += f"  ancestral-1000 {timed(lambda: d.sample(fwd, (n, 1, 28, 28), 'ancestral'), device, 1):7.1f} s"
+                line += f"  ancestral-1000 {timed(lambda: ddpm.sample(d, fwd, (n, 1, 28, 28), ancestral, seed=0), device, 1):7.1f} s"
             print(line, flush=True)
     return args.batch_size / sec, n_params
 
