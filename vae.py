@@ -6,20 +6,24 @@ are trained on the evidence lower bound (Kingma & Welling 2014, "Auto-Encoding V
 
     log p(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) + KL(q(z|x) || p(z|x))
             >= E_q[log p(x|z)] - KL(q(z|x) || p(z))                        = ELBO
+    z = mu + sigma * eps, eps ~ N(0, I)        (the reparameterization: the gradient reaches mu and sigma)
 
 The last KL cannot be computed; --eval estimates log p(x) itself by importance sampling (Burda et al. 2016,
 "Importance Weighted Autoencoders"), log p(x) ~ log 1/K sum_k p(x, z_k) / q(z_k|x), and shows the gap.
+1-channel images are binarized (a Bernoulli decoder); colour images keep 8 bits (a discretized logistic).
 
     python vae.py                                   # the conv VAE, sized for one GPU
     python vae.py --arch mlp --hidden 512 --layers 2 --steps 45000 --batch-size 256 --lr 1.5e-3 \
         --device cpu --out runs/vae-cpu             # the quick CPU run in README: 85.9 nats, 8 min on 2 cores
-    python vae.py --arch mlp --hidden 512 --layers 2 --out runs/vae-cpu --eval         # ELBO, IW log p(x), gap
-    python vae.py --arch mlp --hidden 512 --layers 2 --out runs/vae-cpu --sample       # samples, reconstructions,
-                                                    # interpolations (and with --z-dim 2 the manifold and latents)
+    python vae.py --out runs/vae-cpu --eval         # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
+    python vae.py --out runs/vae-cpu --sample       # samples, reconstructions, interpolation
+    python vae.py --arch mlp --hidden 512 --layers 2 --z-dim 2 --steps 10000 --device cpu --out runs/vae-z2
+    python vae.py --out runs/vae-z2 --sample        # also the decoded manifold and the test codes by label
 """
 import dataclasses
-import json
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,22 +34,25 @@ import common
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
-    lr: float = common.opt(1e-3, "Adam learning rate (decays to 0 on a cosine)", runtime=True)
-    steps: int = common.opt(100000, "training steps", runtime=True)
-    sample_every: int = common.opt(5000, "steps between sample grids and a test-ELBO line", runtime=True)
-    ckpt_every: int = common.opt(5000, "steps between checkpoints", runtime=True)
+class ModelConfig(common.ModelConfig):
     arch: str = common.opt("conv", "encoder/decoder: mlp (784-hidden-z) or conv", choices=["mlp", "conv"])
-    z_dim: int = common.opt(32, "latent size (2 for the manifold and latent-scatter pictures)")
-    hidden: int = common.opt(400, "mlp: hidden units per layer (784-400-z is the classic)")
-    layers: int = common.opt(1, "mlp: hidden layers in the encoder and in the decoder")
-    channels: int = common.opt(64, "conv: channels at full/2 resolution (twice as many at full/4)")
-    blocks: int = common.opt(2, "conv: residual blocks at each resolution")
-    beta: float = common.opt(1.0, "weight of KL(q(z|x) || p(z)) in the loss (beta-VAE; 1 = the ELBO)", runtime=True)
-    eval: bool = common.opt(False, "evaluate the checkpoint in --out on the test set", runtime=True)
-    iw_samples: int = common.opt(1000, "--eval: importance samples K per test image (5000 in the papers)", runtime=True)
-    eval_n: int = common.opt(0, "--eval: only the first N test images (0 = all)", runtime=True)
-    eval_chunk: int = common.opt(4096, "--eval: decoder evaluations per chunk (bounds memory)", runtime=True)
+    z_dim: int = common.opt(32, "latent size (2 for the manifold and latent-scatter pictures)", "[1, inf)")
+    hidden: int = common.opt(400, "mlp: hidden units per layer (784-400-z is the classic)", "[1, inf)")
+    layers: int = common.opt(1, "mlp: hidden layers in the encoder and in the decoder", "[1, inf)")
+    channels: int = common.opt(64, "conv: channels at full/2 resolution (twice as many at full/4)", "[1, inf)")
+    blocks: int = common.opt(2, "conv: residual blocks at each resolution", "[1, inf)")
+
+
+@dataclasses.dataclass
+class Config(common.RunConfig):
+    lr: float = common.opt(1e-3, "Adam learning rate (decays to 0 on a cosine)", "(0, inf)")
+    steps: int = common.opt(100000, "training steps", "[1, inf)")
+    sample_every: int = common.opt(5000, "steps between sample grids and a test-ELBO figure", "[1, inf)")
+    ckpt_every: int = common.opt(5000, "steps between checkpoints", "[1, inf)")
+    beta: float = common.opt(1.0, "weight of KL(q(z|x) || p(z)) in the loss (beta-VAE; 1 = the ELBO)", "[0, inf)")
+    iw_samples: int = common.opt(1000, "--eval: importance samples K per test image (5000 in the papers)", "[1, inf)")
+    eval_n: int = common.opt(0, "--eval: only the first N test images (0 = all)", "[0, inf)")
+    eval_chunk: int = common.opt(4096, "--eval: decoder evaluations per chunk (bounds memory)", "[1, inf)")
 
 
 # ----------------------------------------------------------------------------- likelihoods p(x|z)
@@ -91,12 +98,12 @@ class ResBlock(nn.Module):
         return x + self.net(x)
 
 
-def conv_encoder(c, h, w, ch, blocks, out):
-    """x (B x c x h x w) -> two stride-2 convs (h/4 x w/4) with residual blocks -> linear -> `out` numbers."""
+def conv_encoder(c, h, w, ch, blocks, n_out):
+    """x (B x c x h x w) -> two stride-2 convs (h/4 x w/4) with residual blocks -> linear -> `n_out` numbers."""
     return nn.Sequential(
         nn.Conv2d(c, ch, 4, 2, 1), *[ResBlock(ch) for _ in range(blocks)], nn.ReLU(),
         nn.Conv2d(ch, 2 * ch, 4, 2, 1), *[ResBlock(2 * ch) for _ in range(blocks)], nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * ch * (h // 4) * (w // 4), out))
+        nn.Flatten(), nn.Linear(2 * ch * (h // 4) * (w // 4), n_out))
 
 
 def conv_decoder(z_dim, c_out, h, w, ch, blocks):
@@ -109,49 +116,61 @@ def conv_decoder(z_dim, c_out, h, w, ch, blocks):
 
 
 class VAE(nn.Module):
-    """q_phi(z|x) = N(mu, diag exp(logvar)), p(z) = N(0, I), and p_theta(x|z): Bernoulli for binarized 1-channel
-    images, discretized logistic for 8-bit colour images."""
+    """q_phi(z|x) = N(mu, diag exp(logvar)), p(z) = N(0, I), and p_theta(x|z): Bernoulli for binarized images
+    (binary=True), discretized logistic for 8-bit colour images. No layer behaves differently in train and eval
+    mode, so evaluating during training needs no mode switch."""
 
-    def __init__(self, cfg, shape):
+    def __init__(self, mcfg, shape, binary):
         super().__init__()
         c, h, w = shape
-        self.shape, self.z_dim, self.binary = shape, cfg.z_dim, c == 1
-        k = 1 if self.binary else 2  # decoder numbers per sub-pixel: a logit, or a (mean, log-scale) pair
+        self.shape, self.z_dim, self.binary = shape, mcfg.z_dim, binary
+        k = 1 if binary else 2  # decoder numbers per sub-pixel: a logit, or a (mean, log-scale) pair
         d = c * h * w
-        if cfg.arch == "mlp":
-            sizes = [cfg.hidden] * cfg.layers
-            self.encoder = nn.Sequential(nn.Flatten(), mlp([d, *sizes, 2 * cfg.z_dim]))
-            self.decoder = nn.Sequential(mlp([cfg.z_dim, *sizes, k * d]), nn.Unflatten(1, (k * c, h, w)))
+        if mcfg.arch == "mlp":
+            sizes = [mcfg.hidden] * mcfg.layers
+            self.encoder = nn.Sequential(nn.Flatten(), mlp([d, *sizes, 2 * mcfg.z_dim]))
+            self.decoder = nn.Sequential(mlp([mcfg.z_dim, *sizes, k * d]), nn.Unflatten(1, (k * c, h, w)))
         else:
-            if h % 4 or w % 4:
-                raise common.UsageError(f"--arch conv needs height and width divisible by 4, not {h}x{w}; use --arch mlp")
-            self.encoder = conv_encoder(c, h, w, cfg.channels, cfg.blocks, 2 * cfg.z_dim)
-            self.decoder = conv_decoder(cfg.z_dim, k * c, h, w, cfg.channels, cfg.blocks)
+            self.encoder = conv_encoder(c, h, w, mcfg.channels, mcfg.blocks, 2 * mcfg.z_dim)
+            self.decoder = conv_decoder(mcfg.z_dim, k * c, h, w, mcfg.channels, mcfg.blocks)
 
     def encode(self, x):
         """x -> (mu, logvar) of q(z|x); x in {0, 1} (binary) or [-1, 1] (colour)."""
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
-    def log_px_given_z(self, out, x):
-        """log p_theta(x|z) in nats per image, from the decoder output `out`."""
+    def log_px_given_z(self, net_out, x):
+        """log p_theta(x|z) in nats per image, from the decoder's output (logits, or means and log-scales)."""
         if self.binary:
-            return bernoulli_log_prob(out, x)
-        mean, log_scale = out.chunk(2, dim=-3)
+            return bernoulli_log_prob(net_out, x)
+        mean, log_scale = net_out.chunk(2, dim=-3)
         return discretized_logistic_log_prob(mean, log_scale.clamp(min=-7), x)  # s >= e^-7: no zero-width logistic
 
-    def mean_image(self, out):
+    def mean_image(self, net_out):
         """The decoder's mean image in [0, 1]: the Bernoulli means sigmoid(logits), or the logistic means."""
-        return torch.sigmoid(out) if self.binary else (out.chunk(2, dim=-3)[0].clamp(-1, 1) + 1) / 2
+        if self.binary:
+            return torch.sigmoid(net_out)
+        return common.signed_to_unit(net_out.chunk(2, dim=-3)[0].clamp(-1, 1))
+
+
+def build_model(mcfg, shape):
+    """The VAE for images of `shape` (C, H, W). Its likelihood follows the project's rule for binarized data,
+    common.is_binary (asked here of an empty batch of this shape): 1 channel -> Bernoulli, 3 -> 8-bit."""
+    c, h, w = shape
+    if mcfg.arch == "conv" and (h % 4 or w % 4):
+        raise common.UsageError(f"--arch conv needs height and width divisible by 4, not {h}x{w}; use --arch mlp")
+    return VAE(mcfg, shape, binary=common.is_binary(torch.empty(0, c, h, w, dtype=torch.uint8)))
 
 
 # ----------------------------------------------------------------------------- the loss: negative ELBO
 
-def reparameterize(mu, logvar, eps=None):
-    """z = mu + sigma * eps, eps ~ N(0, I). Sampling z ~ N(mu, sigma^2) directly would cut the graph (a draw has
-    no derivative with respect to its parameters); written this way all randomness sits in eps, which does not
-    depend on phi, and z is a smooth function of (mu, logvar): dz/dmu = 1, dz/dlogvar = sigma * eps / 2."""
-    eps = torch.randn_like(mu) if eps is None else eps
+def reparameterize(mu, logvar, eps=None, rng=None):
+    """z = mu + sigma * eps, eps ~ N(0, I) (drawn from `rng`, or torch's global generator if None). Sampling
+    z ~ N(mu, sigma^2) directly would cut the graph (a draw has no derivative with respect to its parameters);
+    written this way all randomness sits in eps, which does not depend on phi, and z is a smooth function of
+    (mu, logvar): dz/dmu = 1, dz/dlogvar = sigma * eps / 2."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=rng, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps  # sigma = exp(logvar / 2)
 
 
@@ -160,19 +179,36 @@ def kl_to_prior(mu, logvar):
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
 
 
-def prepare(model, x_uint8, generator=None):
-    """uint8 images -> what the model sees: stochastic binarization (1 channel, training), or [-1, 1] (colour)."""
-    return common.binarize(x_uint8, generator) if model.binary else common.to_signed(x_uint8)
+def prepare(model, x_uint8, data_rng):
+    """A training batch as the model sees it: a fresh stochastic binarization (binary), or [-1, 1] (colour)."""
+    return common.binarize(x_uint8, data_rng) if model.binary else common.uint8_to_signed(x_uint8)
+
+
+def eval_images(model, x_uint8):
+    """Test images as the model sees them: one fixed seeded binarization, the same in every run (binary), or
+    [-1, 1] (colour)."""
+    return common.fixed_binarization(x_uint8) if model.binary else common.uint8_to_signed(x_uint8)
 
 
 def loss_fn(model, x, beta=1.0):
     """Negative ELBO = reconstruction -E_q[log p(x|z)] (one z per image) + beta * KL(q(z|x) || p(z))."""
     mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar)
+    z = reparameterize(mu, logvar)  # the global generator: restored by --resume, untouched by evaluations
     rec = -model.log_px_given_z(model.decoder(z), x).float()  # one-sample estimate of -E_q[log p(x|z)]
     kl = kl_to_prior(mu.float(), logvar.float())
     loss = (rec + beta * kl).mean()
-    return loss, dict(loss=loss.detach(), rec=rec.mean().detach(), kl=kl.mean().detach(), neg_elbo=(rec + kl).mean().detach())
+    figures = dict(loss=loss, rec=rec.mean(), kl=kl.mean(), neg_elbo=(rec + kl).mean())
+    return loss, {k: v.detach() for k, v in figures.items()}
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+@torch.no_grad()
+def sample_prior(model, n, rng):
+    """x ~ p(x|z), z ~ p(z) = N(0, I), z drawn from `rng` (on any device: a CPU generator gives the same samples
+    on every device); returns the Bernoulli (or logistic) means, n x C x H x W in [0, 1]."""
+    z = torch.randn(n, model.z_dim, generator=rng, device=rng.device)
+    return model.mean_image(model.decoder(z.to(next(model.parameters()).device)))
 
 
 # ----------------------------------------------------------------------------- evaluation: ELBO and IW log p(x)
@@ -183,19 +219,19 @@ def log_normal(z, mu, logvar):
 
 
 @torch.no_grad()
-def elbo_and_iw(model, x, k, chunk=4096):
+def elbo_and_iw(model, x, k, chunk=4096, rng=None):
     """For each image: (ELBO, IW estimate of log p(x)) with K samples z_k ~ q(z|x) (Burda et al. 2016):
         ELBO  ~ 1/K sum_k log p(x|z_k) - KL(q(z|x) || p(z))        (closed-form KL)
         log p(x) ~ log 1/K sum_k w_k,  w_k = p(x|z_k) p(z_k) / q(z_k|x)
-    The K samples are drawn in chunks of at most `chunk` decoder evaluations, so memory stays bounded."""
+    The K samples are drawn from `rng` in chunks of at most `chunk` decoder evaluations (memory stays bounded)."""
     mu, logvar = model.encode(x)
     b, per = len(x), max(1, chunk // len(x))  # samples per image in one chunk
     log_w, log_px_z = [], []
     for start in range(0, k, per):
         n = min(per, k - start)
-        z = reparameterize(mu.unsqueeze(0).expand(n, -1, -1), logvar.unsqueeze(0).expand(n, -1, -1))  # n x B x z
-        out = model.decoder(z.flatten(0, 1)).unflatten(0, (n, b))  # n x B x C x H x W
-        lpxz = model.log_px_given_z(out, x).float()  # x broadcasts over the n samples: n x B
+        z = reparameterize(mu.expand(n, -1, -1), logvar.expand(n, -1, -1), rng=rng)  # n x B x z
+        net_out = model.decoder(z.flatten(0, 1)).unflatten(0, (n, b))  # n x B x C x H x W
+        lpxz = model.log_px_given_z(net_out, x).float()  # x broadcasts over the n samples: n x B
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
         log_w.append(lpxz + log_pz - log_normal(z, mu, logvar))  # log p(x|z) + log p(z) - log q(z|x)
         log_px_z.append(lpxz)
@@ -206,49 +242,101 @@ def elbo_and_iw(model, x, k, chunk=4096):
 
 
 @torch.no_grad()
-def test_elbo(model, x_test, batch=500):
-    """Mean negative ELBO over test images with one z each (cheap progress figure during training)."""
-    return sum(float(-elbo_and_iw(model, x_test[i:i + batch], 1)[0].sum()) for i in range(0, len(x_test), batch)) / len(x_test)
+def mean_neg_elbo(model, x, rng, batch=500):
+    """Mean negative ELBO over images with one z each from `rng` (the cheap test figure logged during training)."""
+    total = sum(float(-elbo_and_iw(model, x[i:i + batch], 1, rng=rng)[0].sum()) for i in range(0, len(x), batch))
+    return total / len(x)
+
+
+def load_for_inference(cfg):
+    """(the trained VAE in eval mode, the test images as uint8, their labels or None) from the run in --out."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "vae", model=model)
+    return model, x_test, y_test
 
 
 def evaluate(cfg):
-    device = common.get_device(cfg.device)
-    model, out, x_test, _ = load_model(cfg, device)
-    if cfg.eval_n:
-        x_test = x_test[:cfg.eval_n]
-    torch.manual_seed(cfg.seed)
-    per_image = max(1, min(len(x_test), cfg.eval_chunk // min(cfg.iw_samples, cfg.eval_chunk)))  # images per batch
+    """On the test set: -ELBO, the IW estimate of -log p(x) with K = --iw-samples, and their gap, which estimates
+    KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data)."""
+    model, x_test, _ = load_for_inference(cfg)
+    x = eval_images(model, x_test[:cfg.eval_n or None])
+    rng = torch.Generator(x.device).manual_seed(cfg.seed)
+    per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
     elbo, iw = [], []
-    for i in tqdm(range(0, len(x_test), per_image), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch"):
-        e, w = elbo_and_iw(model, x_test[i:i + per_image], cfg.iw_samples, cfg.eval_chunk)
+    for i in tqdm(range(0, len(x), per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch"):
+        e, w = elbo_and_iw(model, x[i:i + per_batch], cfg.iw_samples, cfg.eval_chunk, rng)
         elbo.append(e)
         iw.append(w)
-    elbo, iw = torch.cat(elbo).mean().item(), torch.cat(iw).mean().item()
-    dims = math.prod(model.shape)
-    rows = [("negative ELBO  -E_q[log p(x|z)] + KL(q||p(z))", -elbo),
-            (f"IW NLL  -log p(x), K={cfg.iw_samples}", -iw),
-            ("gap = KL(q(z|x) || p(z|x)) (IW estimate)", iw - elbo)]
-    unit = "nats/image" if model.binary else "nats/image   bits/dim"
-    print(f"test set: {len(x_test)} images of {cfg.dataset}, checkpoint {out / 'ckpt.pt'}")
-    print(f"{'':48s} {unit}")
-    for name, v in rows:
-        print(f"{name:48s} {v:10.3f}" + ("" if model.binary else f"   {common.nats_to_bits_per_dim(v, dims):8.4f}"))
-    result = dict(n=len(x_test), iw_samples=cfg.iw_samples, neg_elbo=-elbo, iw_nll=-iw, gap=iw - elbo)
-    common.atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
-    return result
+    neg_elbo, iw_nll = -torch.cat(elbo).mean().item(), -torch.cat(iw).mean().item()
+    rows = {"negative ELBO (nats/image)": neg_elbo, "IW NLL -log p(x) (nats/image)": iw_nll,
+            "gap KL(q(z|x) || p(z|x)), IW estimate (nats/image)": neg_elbo - iw_nll}
+    if not model.binary:  # 8-bit colour: also in bits per sub-pixel, the unit papers report
+        dims = math.prod(model.shape)
+        rows |= {k.replace("nats/image", "bits/dim"): common.nats_to_bits_per_dim(v, dims) for k, v in rows.items()}
+    title = f"{len(x)} test images of {cfg.model.dataset}, K = {cfg.iw_samples} importance samples per image"
+    return common.report(cfg.out, title, rows, n=len(x), iw_samples=cfg.iw_samples)
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    device = common.get_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
+    x_test, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here: nothing written yet
+    x_test = eval_images(model, x_test[:1000])  # the test-ELBO figure of the log: 1000 fixed test images
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data_rng = common.data_generator(device, cfg.seed)
+    out = common.start_run(cfg)
+    step = common.load_checkpoint(out / "ckpt.pt", "vae", data_rng, model=model, opt=opt) if cfg.resume else 0
+    common.check_resume(cfg, step)
+    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn  # compiling the function keeps state_dict keys
+    print(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.model.arch}, z {cfg.model.z_dim}, "
+          f"{'binarized' if model.binary else '8-bit'} {tuple(x_train.shape[1:])}, {device}")
+    start, log = step, common.Logger(out, cfg.steps, step)
+    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "vae", cfg, step, rng, model=model, opt=opt)
+    with common.CtrlC() as ctrl_c:
+        while step < cfg.steps and not ctrl_c.requested:
+            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
+            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            x = prepare(model, common.random_batch(x_train, cfg.batch_size, data_rng), data_rng)
+            with common.autocast(device, cfg.precision):
+                loss, figures = step_loss(model, x, cfg.beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            figures["grad_norm"] = nn.utils.get_total_norm([p.grad for p in model.parameters()])  # not clipped
+            common.check_finite(step, loss=loss, grad_norm=figures["grad_norm"])  # before the update is applied
+            if step > start and step % cfg.ckpt_every == 0:
+                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
+            opt.step()
+            step += 1
+            log.count(cfg.batch_size)
+            if not model.binary:  # 8-bit colour: the bound also in bits per sub-pixel, the unit papers report
+                figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["neg_elbo"], math.prod(model.shape))
+            pictures = step % cfg.sample_every == 0 or step == cfg.steps
+            if pictures:  # logged on this step's line; the same z at every evaluation, from a generator of its own
+                test_neg_elbo = common.run_safely("the test ELBO", lambda: mean_neg_elbo(
+                    model, x_test, torch.Generator(device).manual_seed(cfg.seed)))
+                if test_neg_elbo is not None:
+                    figures["test_neg_elbo"] = test_neg_elbo
+            if step % cfg.log_every == 0 or pictures:
+                log.log(step, **figures)
+            if pictures:  # the same z in every grid of the run
+                common.run_safely("the sample grid", lambda: common.save_grid(sample_prior(
+                    model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed)), out / f"samples_{step}.png"))
+    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
+    ctrl_c.exit_if_requested(step)
+    print(f"done: {out}")
+
+
+# ----------------------------------------------------------------------------- the other modes: samples and pictures
 
 PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                         [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
-
-
-@torch.no_grad()
-def sample_prior(model, n, generator=None):
-    """x ~ p(x|z), z ~ p(z) = N(0, I); returns the Bernoulli (or logistic) means, N x C x H x W in [0, 1]."""
-    z = torch.randn(n, model.z_dim, generator=generator, device=generator.device if generator else "cpu")
-    return model.mean_image(model.decoder(z.to(next(model.parameters()).device)))
 
 
 @torch.no_grad()
@@ -257,7 +345,7 @@ def reconstructions(model, x, rows=4, cols=8):
     cols = min(cols, len(x))
     x = x[:cols * min(rows, len(x) // cols)]
     rec = model.mean_image(model.decoder(model.encode(x)[0]))
-    show = x if model.binary else (x + 1) / 2
+    show = x if model.binary else common.signed_to_unit(x)
     return torch.stack([show.unflatten(0, (-1, cols)), rec.unflatten(0, (-1, cols))], 1).flatten(0, 2), cols
 
 
@@ -292,87 +380,31 @@ def latent_scatter(model, x, y, size=400, lim=4.0):
     return img
 
 
-def load_model(cfg, device):
-    out = common.out_dir(cfg, "vae")
-    x_test, y_test = common.load_dataset(cfg.dataset, cfg.data_dir, "test", device)
-    model = VAE(cfg, tuple(x_test.shape[1:])).to(device)
-    common.load_checkpoint(out / "ckpt.pt", "vae", cfg, model=model)
-    model.eval()
-    # the test set: one fixed seeded binarization (the same in every run), or [-1, 1] colour
-    x_test = common.fixed_binarization(x_test) if model.binary else common.to_signed(x_test)
-    return model, out, x_test, y_test
-
-
 def sample_from_checkpoint(cfg):
-    device = common.get_device(cfg.device)
-    model, out, x_test, y_test = load_model(cfg, device)
-    gen = common.data_generator("cpu", cfg.seed)
-    samples = sample_prior(model, cfg.num_samples, gen).cpu()
-    common.save_grid(samples, out / "samples.png")
+    """samples.png (the first 256) and samples.pt from the prior; reconstructions.png and interpolation.png of test
+    images; with z_dim 2 also manifold.png and latents.png."""
+    model, x_test, y_test = load_for_inference(cfg)
+    out, x = Path(cfg.out), eval_images(model, x_test)
+    start, rng = time.time(), torch.Generator().manual_seed(cfg.seed)
+    samples = torch.cat([sample_prior(model, min(1000, cfg.num_samples - i), rng).float().cpu()
+                         for i in range(0, cfg.num_samples, 1000)])  # bounded memory for any --num-samples
+    seconds = time.time() - start
+    common.save_grid(samples[:256], out / "samples.png")
     torch.save(samples, out / "samples.pt")
-    grid, cols = reconstructions(model, x_test)
+    grid, cols = reconstructions(model, x)
     common.save_grid(grid, out / "reconstructions.png", nrow=cols)
-    common.save_grid(interpolation(model, x_test), out / "interpolation.png", nrow=10)
-    if cfg.z_dim == 2:
+    common.save_grid(interpolation(model, x), out / "interpolation.png", nrow=10)
+    names = ["samples.png", f"samples.pt {tuple(samples.shape)}", "reconstructions.png", "interpolation.png"]
+    if cfg.model.z_dim == 2:
         common.save_grid(manifold(model), out / "manifold.png", nrow=20)
-        common.save_grid(latent_scatter(model, x_test, y_test)[None], out / "latents.png", nrow=1)
-    print(f"wrote samples.png, samples.pt ({tuple(samples.shape)}), reconstructions.png, interpolation.png"
-          + (", manifold.png, latents.png" if cfg.z_dim == 2 else "") + f" in {out}")
-
-
-# ----------------------------------------------------------------------------- training
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    out = common.start_run(cfg, "vae")
-    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "train", device)
-    x_test, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "test", device)
-    model = VAE(cfg, tuple(x.shape[1:])).to(device)
-    x_test = (common.fixed_binarization(x_test) if model.binary else common.to_signed(x_test))[:1000]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = common.data_generator(device, cfg.seed)
-    step = common.load_checkpoint(out / "ckpt.pt", "vae", cfg, model=model, opt=opt, gen=gen) if cfg.resume else 0
-    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn  # compiling the function keeps state_dict keys
-    log = common.Logger(out, cfg.steps, step)
-    save = lambda: common.save_checkpoint(out / "ckpt.pt", "vae", cfg, step, model=model, opt=opt, gen=gen)
-    print(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.arch}, z {cfg.z_dim}, {device}")
-    try:
-        while step < cfg.steps:
-            rng_at_step = gen.get_state(), torch.get_rng_state()  # so a Ctrl-C mid-step saves the step's start
-            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            batch = prepare(model, common.random_batch(x, cfg.batch_size, gen), gen)
-            with common.autocast(device, cfg.precision):
-                loss, figures = step_loss(model, batch, cfg.beta)
-            common.check_finite(loss, step)
-            if not model.binary:  # 8-bit colour: the bound also in bits per sub-pixel, the unit papers report
-                figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["neg_elbo"], math.prod(model.shape))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            log.count(cfg.batch_size)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                model.eval()
-                figures["test_neg_elbo"] = test_elbo(model, x_test)  # 1000 fixed test images, one z each
-                common.save_grid(sample_prior(model, 64, common.data_generator("cpu", 0)), out / f"samples_{step}.png")
-                model.train()
-            if step % cfg.log_every == 0 or "test_neg_elbo" in figures:
-                log.log(step, **figures)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        gen.set_state(rng_at_step[0])  # the unfinished step is dropped: rewind the RNGs it drew from
-        torch.set_rng_state(rng_at_step[1])
-        save()
-        print(f"interrupted: checkpoint saved at step {step}")
-        raise SystemExit(130)
+        common.save_grid(latent_scatter(model, x, y_test)[None], out / "latents.png", nrow=1)
+        names += ["manifold.png", "latents.png"]
+    print(f"{len(samples)} samples in {seconds:.2f}s; wrote {', '.join(names)} in {out}")
 
 
 @common.entry
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_args(ModelConfig, Config, "vae", argv)
     if cfg.sample:
         sample_from_checkpoint(cfg)
     elif cfg.eval:

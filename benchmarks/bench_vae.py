@@ -49,16 +49,18 @@ def training_speed(device, steps, batch_size, hidden=400, layers=1, z_dim=20):
         x, _ = common.load_dataset("mnist", ROOT / "data", "train", device)
     except common.UsageError:  # no MNIST here: random digits have the same shape and cost
         x = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8, device=device)
-    cfg = vae.Config(arch="mlp", hidden=hidden, layers=layers, z_dim=z_dim)
-    model = vae.VAE(cfg, (1, 28, 28)).to(device)
+    mcfg = vae.ModelConfig(arch="mlp", hidden=hidden, layers=layers, z_dim=z_dim)
+    model = vae.build_model(mcfg, (1, 28, 28)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = common.data_generator(device, 0)
+    data_rng = common.data_generator(device, 0)
 
-    def step():
-        batch = vae.prepare(model, common.random_batch(x, batch_size, gen), gen)
+    def step():  # as in vae.train: batch, loss, backward, gradient norm, the finiteness check, the update
+        batch = vae.prepare(model, common.random_batch(x, batch_size, data_rng), data_rng)
         loss, _ = vae.loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        common.check_finite(0, loss=loss, grad_norm=grad_norm)
         opt.step()
     for _ in range(20):  # warm-up: allocator, kernels
         step()
@@ -72,14 +74,16 @@ def training_speed(device, steps, batch_size, hidden=400, layers=1, z_dim=20):
 
 def iw_cost(device, n_images, k, chunk, hidden=400, layers=1, z_dim=20):
     """Seconds per test image for the ELBO + IW estimate with K samples, and the extrapolation to 10,000."""
-    model = vae.VAE(vae.Config(arch="mlp", hidden=hidden, layers=layers, z_dim=z_dim), (1, 28, 28)).to(device).eval()
+    mcfg = vae.ModelConfig(arch="mlp", hidden=hidden, layers=layers, z_dim=z_dim)
+    model = vae.build_model(mcfg, (1, 28, 28)).to(device).eval()
     x = torch.bernoulli(torch.full((n_images, 1, 28, 28), 0.13, device=device))
     per_batch = max(1, chunk // k)
-    vae.elbo_and_iw(model, x[:per_batch], k, chunk)  # warm-up
+    rng = torch.Generator(device).manual_seed(0)
+    vae.elbo_and_iw(model, x[:per_batch], k, chunk, rng)  # warm-up
     sync(device)
     t = time.time()
     for i in range(0, n_images, per_batch):
-        vae.elbo_and_iw(model, x[i:i + per_batch], k, chunk)
+        vae.elbo_and_iw(model, x[i:i + per_batch], k, chunk, rng)
     sync(device)
     return (time.time() - t) / n_images
 

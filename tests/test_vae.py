@@ -1,6 +1,6 @@
-"""Tests of vae.py: training/resume/sampling/eval through main() on the fake data, bad input, and the
-mathematics: the closed-form KL, the reparameterization gradient, the likelihoods, and the importance-weighted
-estimate of log p(x) against the ELBO and against an exact log p(x) computed by quadrature."""
+"""Tests of vae.py: training, Ctrl-C and --resume, a diverging step, sampling and eval through main() on the fake
+data; and the mathematics: the closed-form KL, the reparameterization gradient, the likelihoods, and the
+importance-weighted estimate of log p(x) against the ELBO and against an exact log p(x) computed by quadrature."""
 import json
 import math
 
@@ -9,9 +9,10 @@ import torch
 
 import common
 import vae
+from conftest import same_weights, sigint_at
 
-TINY = ["--arch", "mlp", "--hidden", "32", "--z-dim", "4", "--batch-size", "16", "--log-every", "2",
-        "--sample-every", "3", "--ckpt-every", "3", "--device", "cpu"]
+MODEL = ["--arch", "mlp", "--hidden", "32", "--z-dim", "4"]
+RUN = ["--batch-size", "16", "--log-every", "2", "--sample-every", "3", "--ckpt-every", "3", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -24,15 +25,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run(data_dir, out, *args):
-    return vae.main(["--data-dir", str(data_dir), "--out", str(out), *TINY, *args])
+def run(data_dir, out, *args, model=MODEL):
+    """Train (or --resume) a tiny run: the model flags, then the run flags, then `args` (later flags win)."""
+    return vae.main(["--data-dir", str(data_dir), "--out", str(out), *model, *RUN, *args])
+
+
+def mode(data_dir, out, *args):
+    """--sample / --eval / ...: no model flag, the checkpoint has them."""
+    return vae.main(["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", *args])
 
 
 def logged(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-# ----------------------------------------------------------------------------- through main()
+def ckpt(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def refused(capsys, argv, *words):
+    """main(argv) exits 2 with one line on stderr holding every one of `words`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vae.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    return err
+
+
+# ----------------------------------------------------------------------------- training through main()
 
 def test_smoke_writes_files_and_finite_figures(data_dir, tmp_path):
     out = tmp_path / "run"
@@ -40,87 +61,145 @@ def test_smoke_writes_files_and_finite_figures(data_dir, tmp_path):
     for name in ("config.json", "log.jsonl", "ckpt.pt", "samples_3.png", "samples_6.png"):
         assert (out / name).exists(), name
     lines = logged(out)
-    assert lines[-1]["step"] == 6 and all(math.isfinite(v) for line in lines for v in line.values())
-    assert {"rec", "kl", "neg_elbo", "test_neg_elbo"} <= set(lines[-1])  # both parts of the loss are logged
+    assert [line["step"] for line in lines] == [2, 3, 4, 6]  # --log-every 2, and the --sample-every 3 steps
+    assert all(math.isfinite(v) for line in lines for v in line.values())
+    assert {"rec", "kl", "neg_elbo", "grad_norm"} <= set(lines[0]) and "test_neg_elbo" not in lines[0]
+    assert "test_neg_elbo" in lines[1] and "test_neg_elbo" in lines[-1]  # on the sample steps' lines
+    saved = ckpt(out)
+    assert saved["step"] == 6 and saved["model_config"]["arch"] == "mlp" and saved["model_config"]["z_dim"] == 4
+
+
+def test_the_likelihood_follows_the_common_rule_for_binarized_data(data_dir):
+    for dataset, shape, channels_out in (("mnist", (1, 28, 28), 1), ("cifar10", (3, 32, 32), 6)):
+        x, _ = common.load_dataset(dataset, data_dir, "test")
+        model = vae.build_model(vae.ModelConfig(arch="mlp", hidden=8, z_dim=2), tuple(x.shape[1:]))
+        assert tuple(x.shape[1:]) == shape and model.binary == common.is_binary(x) == (dataset == "mnist")
+        assert model.decoder(torch.zeros(1, 2)).shape == (1, channels_out, *shape[1:])  # a logit, or (mean, log s)
+        seen = vae.eval_images(model, x)
+        assert set(seen.unique().tolist()) <= {0.0, 1.0} if model.binary else (seen.min() >= -1 and seen.max() <= 1)
 
 
 def test_conv_on_colour_data_reports_bits_per_dim(data_dir, tmp_path, capsys):
     out = tmp_path / "cifar"
-    args = ["--dataset", "cifar10", "--arch", "conv", "--channels", "8", "--blocks", "1"]
-    run(data_dir, out, *args, "--steps", "3")
-    result = run(data_dir, out, *args, "--eval", "--iw-samples", "4", "--eval-n", "8")
-    assert result["n"] == 8 and math.isfinite(result["iw_nll"]) and "bits/dim" in capsys.readouterr().out
+    colour = ["--dataset", "cifar10", "--arch", "conv", "--channels", "8", "--blocks", "1"]
+    run(data_dir, out, "--steps", "3", model=colour)
+    assert "bits_per_dim" in logged(out)[-1]
+    result = mode(data_dir, out, "--eval", "--iw-samples", "4", "--eval-n", "8")
+    assert result["n"] == 8 and result["iw_samples"] == 4
+    nats, bits = result["IW NLL -log p(x) (nats/image)"], result["IW NLL -log p(x) (bits/dim)"]
+    assert math.isfinite(nats) and bits == pytest.approx(nats / (3 * 32 * 32 * math.log(2)))
+    assert "bits/dim" in capsys.readouterr().out
 
 
-def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
-    """A run interrupted (Ctrl-C) at step 3 and resumed ends with the same weights as an uninterrupted run."""
-    run(data_dir, tmp_path / "straight", "--steps", "6")
-    calls, real_loss = [0], vae.loss_fn
-
-    def interrupt_at_step_4(*a, **k):
-        calls[0] += 1
-        if calls[0] == 4:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-    monkeypatch.setattr(vae, "loss_fn", interrupt_at_step_4)
-    with pytest.raises(SystemExit) as e:
-        run(data_dir, tmp_path / "resumed", "--steps", "6")
-    assert e.value.code == 130
-    monkeypatch.setattr(vae, "loss_fn", real_loss)
-    run(data_dir, tmp_path / "resumed", "--steps", "6", "--resume")
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
-
-
-def test_sample_and_pictures(data_dir, tmp_path):
+def test_sample_and_eval_need_no_model_flags(data_dir, tmp_path):
     out = tmp_path / "z2"
-    run(data_dir, out, "--steps", "3", "--z-dim", "2")
-    run(data_dir, out, "--z-dim", "2", "--sample", "--num-samples", "10")
+    run(data_dir, out, "--steps", "3", model=["--arch", "mlp", "--hidden", "16", "--z-dim", "2"])
+    mode(data_dir, out, "--sample", "--num-samples", "10")
     s = torch.load(out / "samples.pt", weights_only=True)
-    assert s.shape == (10, 1, 28, 28) and s.min() >= 0 and s.max() <= 1
+    assert s.shape == (10, 1, 28, 28) and s.dtype == torch.float32 and s.min() >= 0 and s.max() <= 1
     for name in ("samples.png", "reconstructions.png", "interpolation.png", "manifold.png", "latents.png"):
         assert (out / name).exists(), name
+    mode(data_dir, out, "--sample", "--num-samples", "10")  # the sampler's own seeded generator: the same samples
+    assert torch.equal(torch.load(out / "samples.pt", weights_only=True), s)
+    result = mode(data_dir, out, "--eval", "--iw-samples", "5")
+    assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64  # the whole fake test set
+    assert result == mode(data_dir, out, "--eval", "--iw-samples", "5")  # seeded: the same figures again
+
+
+def test_a_model_flag_that_disagrees_with_the_checkpoint_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data_dir, out, "--steps", "3")
+    before = (out / "ckpt.pt").read_bytes()
+    refused(capsys, ["--out", str(out), "--eval", "--z-dim", "5"], "--z-dim 4", "(now 5)", "drop --z-dim")
+    resume = ["--data-dir", str(data_dir), "--out", str(out), "--resume", "--steps", "6"]
+    refused(capsys, [*resume, "--arch", "conv"], "--arch mlp", "(now conv)")
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert mode(data_dir, out, "--eval", "--iw-samples", "2", "--z-dim", "4")["n"] == 64  # one that agrees is fine
+
+
+def test_resume_after_ctrl_c_is_exact(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C after step 4 of 7: the step finishes, the checkpoint holds step 4, exit 130; --resume then ends
+    bit for bit where a run in one go ends, and log.jsonl has one line per step."""
+    run(data_dir, tmp_path / "one-go", "--steps", "7", "--log-every", "1")
+    sigint_at(monkeypatch, 4)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, tmp_path / "resumed", "--steps", "7", "--log-every", "1")
+    assert e.value.code == 130 and ckpt(tmp_path / "resumed")["step"] == 4
+    monkeypatch.undo()
+    run(data_dir, tmp_path / "resumed", "--steps", "7", "--log-every", "1", "--resume")
+    assert ckpt(tmp_path / "resumed")["step"] == 7
+    assert same_weights(tmp_path / "one-go" / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt")
+    assert [line["step"] for line in logged(tmp_path / "resumed")] == list(range(1, 8))
+
+
+def test_evaluation_during_training_leaves_the_training_run_alone(data_dir, tmp_path):
+    """The test ELBO and the sample grids draw from their own generators: how often they run changes no weight."""
+    run(data_dir, tmp_path / "often", "--steps", "6", "--sample-every", "1")
+    run(data_dir, tmp_path / "rarely", "--steps", "6", "--sample-every", "100")
+    assert (tmp_path / "often" / "samples_2.png").exists() and not (tmp_path / "rarely" / "samples_2.png").exists()
+    assert same_weights(tmp_path / "often" / "ckpt.pt", tmp_path / "rarely" / "ckpt.pt")
+
+
+def test_a_diverging_step_is_never_applied_and_resume_goes_on(data_dir, tmp_path, monkeypatch, capsys):
+    """The loss becomes nan at the 5th step: exit 2 before its update, the checkpoint (--ckpt-every 1) holds finite
+    weights, and --resume with the loss back to normal ends where a run in one go ends."""
+    run(data_dir, tmp_path / "one-go", "--steps", "8", "--log-every", "1")
+    calls, real_loss = [0], vae.loss_fn
+
+    def nan_at_step_5(*args, **kwargs):
+        calls[0] += 1
+        loss, figures = real_loss(*args, **kwargs)
+        return (loss * math.nan, figures) if calls[0] == 5 else (loss, figures)
+    monkeypatch.setattr(vae, "loss_fn", nan_at_step_5)
+    out = tmp_path / "nan"
+    refused(capsys, ["--data-dir", str(data_dir), "--out", str(out), *MODEL, *RUN, "--steps", "8", "--log-every", "1",
+                     "--ckpt-every", "1"], "at step 5", "lower --lr")
+    saved = ckpt(out)
+    assert saved["step"] == 3 and all(torch.isfinite(w).all() for w in saved["model"].values())
+    monkeypatch.undo()
+    run(data_dir, out, "--steps", "8", "--log-every", "1", "--resume")
+    assert same_weights(tmp_path / "one-go" / "ckpt.pt", out / "ckpt.pt")
+    assert [line["step"] for line in logged(out)] == list(range(1, 9))
+
+
+def test_a_failing_picture_or_test_elbo_never_costs_the_run(data_dir, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(vae, "sample_prior", broken)
+    monkeypatch.setattr(vae, "mean_neg_elbo", broken)
+    out = tmp_path / "run"
+    run(data_dir, out, "--steps", "6")
+    printed = capsys.readouterr().out
+    assert "warning: the sample grid failed" in printed and "warning: the test ELBO failed" in printed
+    assert ckpt(out)["step"] == 6 and [line["step"] for line in logged(out)] == [2, 3, 4, 6]
+    assert "test_neg_elbo" not in logged(out)[-1]
 
 
 def test_training_on_toy_digits_beats_a_stated_bound(data_dir, tmp_path):
     """On the fake strokes, 250 steps take the test negative ELBO from ~543 nats (784 ln 2, a coin per pixel)
     to below 150; eval's three figures are consistent: -ELBO >= IW NLL, and the gap is their difference."""
     out = tmp_path / "learn"
-    run(data_dir, out, "--steps", "250", "--hidden", "64", "--lr", "3e-3", "--sample-every", "250", "--ckpt-every", "250")
-    assert logged(out)[-1]["test_neg_elbo"] < 150
-    r = run(data_dir, out, "--steps", "250", "--hidden", "64", "--lr", "3e-3", "--eval", "--iw-samples", "50")
-    assert r["n"] == 64 and r["iw_nll"] < r["neg_elbo"] and r["gap"] == pytest.approx(r["neg_elbo"] - r["iw_nll"])
+    run(data_dir, out, "--steps", "250", "--hidden", "64", "--lr", "3e-3", "--sample-every", "250",
+        "--ckpt-every", "250")
+    first, last = logged(out)[0], logged(out)[-1]
+    assert first["neg_elbo"] > 400 and last["test_neg_elbo"] < 150
+    r = mode(data_dir, out, "--eval", "--iw-samples", "50")
+    neg_elbo, iw_nll = r["negative ELBO (nats/image)"], r["IW NLL -log p(x) (nats/image)"]
+    assert r["n"] == 64 and iw_nll < neg_elbo < 150
+    assert r["gap KL(q(z|x) || p(z|x)), IW estimate (nats/image)"] == pytest.approx(neg_elbo - iw_nll)
 
 
-def expect_usage_error(capsys, argv, words):
-    with pytest.raises(SystemExit) as e:
-        vae.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
-
-
-def test_bad_input_exits_2_with_one_line(data_dir, tmp_path, capsys):
-    base = ["--data-dir", str(data_dir), *TINY]
-    expect_usage_error(capsys, [*base, "--dataset", "imagenet-42", "--out", str(tmp_path / "a")], "unknown dataset")
-    run(data_dir, tmp_path / "good", "--steps", "3")
-    good = (tmp_path / "good" / "ckpt.pt").read_bytes()
-    expect_usage_error(capsys, [*base, "--out", str(tmp_path / "good"), "--steps", "3"], "--resume")  # no overwrite
-    expect_usage_error(capsys, [*base, "--out", str(tmp_path / "good"), "--z-dim", "5", "--eval"], "--z-dim")
-    assert (tmp_path / "good" / "ckpt.pt").read_bytes() == good
-    other = tmp_path / "other"
-    other.mkdir()
-    torch.save(dict(script="ddpm", config={}), other / "ckpt.pt")
-    expect_usage_error(capsys, [*base, "--out", str(other), "--sample"], "ddpm.py")
-    expect_usage_error(capsys, [*base, "--out", str(tmp_path / "nan"), "--lr", "1e12", "--steps", "50"], "lower --lr")
+def test_conv_needs_sizes_divisible_by_4(data_dir, tmp_path, capsys):
+    """The one bad input vae.py adds to the common ones (tests/test_cli.py has those)."""
     from PIL import Image
     odd = tmp_path / "odd"
     odd.mkdir()
     for i in range(20):
         Image.new("RGB", (30, 30), (i * 10, 0, 0)).save(odd / f"{i:02d}.png")
-    expect_usage_error(capsys, [*base, "--dataset", str(odd), "--arch", "conv", "--out", str(tmp_path / "c")], "divisible by 4")
+    out = tmp_path / "c"
+    argv = ["--dataset", str(odd), "--arch", "conv", "--out", str(out), *RUN]
+    refused(capsys, argv, "--arch conv", "30x30", "--arch mlp")
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- the mathematics
@@ -160,9 +239,10 @@ def test_discretized_logistic_sums_to_one_over_256_levels(mean, log_scale):
 
 
 def tiny_vae(seed=0):
-    """z_dim 1, 2x2 binary images, no hidden layer: logits = w z + b, mu/logvar linear in x."""
+    """z_dim 1, 2x2 binary images, no hidden layer (layers=0, which the CLI refuses but the network can be):
+    logits = w z + b, mu/logvar linear in x."""
     torch.manual_seed(seed)
-    model = vae.VAE(vae.Config(arch="mlp", z_dim=1, layers=0), (1, 2, 2))
+    model = vae.build_model(vae.ModelConfig(arch="mlp", z_dim=1, layers=0), (1, 2, 2))
     with torch.no_grad():
         model.decoder[0][0].weight.copy_(torch.tensor([[3.0], [-2.0], [1.5], [0.5]]))
         model.decoder[0][0].bias.copy_(torch.tensor([0.5, -1.0, 0.0, 1.0]))
@@ -190,8 +270,7 @@ def test_exact_log_px_is_a_distribution():
 def test_iw_estimate_converges_to_exact_log_px():
     model, x = tiny_vae(), all_images()
     exact = exact_log_px(model, x).float()
-    torch.manual_seed(1)
-    _, iw = vae.elbo_and_iw(model, x, 20000, chunk=16 * 5000)
+    _, iw = vae.elbo_and_iw(model, x, 20000, chunk=16 * 5000, rng=torch.Generator().manual_seed(1))
     torch.testing.assert_close(iw, exact, atol=0.02, rtol=0)
 
 
@@ -199,19 +278,39 @@ def test_elbo_below_iw_and_iw_grows_with_k():
     """E[IW_K] does not decrease in K (Burda et al. thm 1), IW_1 is an unbiased ELBO, and log p(x) is above all."""
     model, x = tiny_vae(), all_images()
     exact = exact_log_px(model, x).float().mean()
-    torch.manual_seed(2)
+    rng = torch.Generator().manual_seed(2)
     many = x.repeat(2000, 1, 1, 1)  # each image 2000 times: the means below average the estimator over 2000 draws
     mean_iw = {}
     for k in (1, 5, 50):
-        elbo, iw = vae.elbo_and_iw(model, many, k, chunk=2 ** 20)
+        elbo, iw = vae.elbo_and_iw(model, many, k, chunk=2 ** 20, rng=rng)
         mean_iw[k], elbo = iw.mean(), elbo.mean()
     assert elbo < mean_iw[5] < mean_iw[50] <= exact + 0.01
     assert mean_iw[1] == pytest.approx(elbo.item(), abs=0.03)  # IW with K = 1 estimates the ELBO itself
     assert mean_iw[1] < mean_iw[5]
 
 
+def test_a_generator_gives_repeatable_draws_and_leaves_the_global_rng_alone():
+    """Evaluations during training draw from their own generator, so the training run's random numbers stay put."""
+    model, x = tiny_vae(), all_images()
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    before = torch.get_rng_state()
+    z1 = vae.reparameterize(mu, logvar, rng=torch.Generator().manual_seed(7))
+    elbo1, iw1 = vae.elbo_and_iw(model, x, 30, chunk=64, rng=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(z1, vae.reparameterize(mu, logvar, rng=torch.Generator().manual_seed(7)))
+    elbo2, iw2 = vae.elbo_and_iw(model, x, 30, chunk=64, rng=torch.Generator().manual_seed(7))
+    assert torch.equal(elbo1, elbo2) and torch.equal(iw1, iw2)
+    _, iw3 = vae.elbo_and_iw(model, x, 30, chunk=64, rng=torch.Generator().manual_seed(8))
+    assert not torch.equal(iw1, iw3)
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z1, mu + (0.5 * logvar).exp() * eps)  # z = mu + sigma eps with the generator's eps
+    sampled = vae.sample_prior(model, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(sampled, vae.sample_prior(model, 5, torch.Generator().manual_seed(3)))
+    assert torch.equal(torch.get_rng_state(), before) and sampled.shape == (5, 1, 2, 2)
+
+
 def test_latent_scatter_puts_a_dot_where_the_code_is(monkeypatch):
-    model = vae.VAE(vae.Config(arch="mlp", z_dim=2, hidden=8), (1, 28, 28))
+    model = vae.build_model(vae.ModelConfig(arch="mlp", z_dim=2, hidden=8), (1, 28, 28))
     monkeypatch.setattr(model, "encode", lambda x: (torch.tensor([[0.0, 0.0], [4.0, 4.0]]), None))
     img = vae.latent_scatter(model, torch.zeros(2, 1, 28, 28), torch.tensor([3, 0]), size=101, lim=4.0)
     torch.testing.assert_close(img[:, 50, 49], vae.PALETTE[3])  # z = (0, 0): the middle
