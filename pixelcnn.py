@@ -1,46 +1,39 @@
 """PixelCNN: an image as a product of per-pixel conditionals, computed in one pass by masked convolutions.
 
 Fix an order of the pixels (raster: row by row, left to right; inside a colour pixel R, then G, then B)
-and write the likelihood of an image exactly with the chain rule (product rule), as the deck does:
+and write the likelihood of an image exactly with the chain rule (van den Oord et al. 2016, "Pixel
+Recurrent Neural Networks", eq. 1-2):
 
-    p(x) = p(x_1, x_2, ..., x_n) = prod_{i=1}^{n} p(x_i | x_1, ..., x_{i-1})
+    p(x) = prod_{i=1}^{n^2} p(x_i | x_1, ..., x_{i-1})
+    p(x_i | x_<i) = p(x_i,R | x_<i) p(x_i,G | x_<i, x_i,R) p(x_i,B | x_<i, x_i,R, x_i,G)
 
-A convolutional network outputs all n conditionals at once if no output can see its own pixel or a later
-one: masked convolutions (van den Oord et al. 2016, "Pixel Recurrent Neural Networks"). Training is exact
-maximum likelihood (all conditionals in parallel); sampling is slow: H x W x C network passes, one per
-sub-pixel. The gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
-Decoders") splits the network into a vertical and a horizontal stack to remove the plain PixelCNN's blind
-spot, uses gated units y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), and conditions on a label h.
+A convolutional network outputs all the conditionals at once if no output can see its own sub-pixel or a
+later one: masked convolutions (mask A in the first layer hides the centre pixel, mask B in later layers
+keeps it; see MaskedConv2d). Training is exact maximum likelihood, all conditionals in parallel; sampling
+is slow: one network pass per sub-pixel, H x W x C in all. Each conditional is a Bernoulli for binarized
+images (1 channel) and a 256-way softmax for 8-bit colour. Stacked 3x3 masked layers miss a wedge up and
+to the right of each pixel (the blind spot; --receptive-field pictures it).
 
-The masks (common.MaskedConv2d; 1 = weight used), 7x7 in the first layer, 3x3 later:
+The gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders")
+removes the blind spot with a vertical stack (every row above, full width) feeding a horizontal stack (the
+row so far), uses gated units, and conditions on a label h through a learned bias in every layer (eq. 4):
 
-    mask A (first layer)      mask B (later layers)     with colour, at the centre only:
-    1 1 1 1 1 1 1                                        A: R sees -, G sees R, B sees R G
-    1 1 1 1 1 1 1             1 1 1                      B: R sees R, G sees R G, B sees R G B
-    1 1 1 1 1 1 1             1 1 0
-    1 1 1 0 0 0 0             0 0 0
-    0 0 0 0 0 0 0
-    0 0 0 0 0 0 0          (mask B keeps the centre: after a mask-A layer the centre
-    0 0 0 0 0 0 0           position holds only information about earlier pixels)
+    y = tanh(W_{k,f} * x + V_{k,f}^T h) . sigmoid(W_{k,g} * x + V_{k,g}^T h)
 
-Stacked 3x3 mask-B layers grow a receptive field that misses a wedge up and to the right of each pixel
-(the blind spot; --receptive-field draws it). The gated net's vertical stack sees every row above, full
-width, and reaches the horizontal stack shifted down by one row; the horizontal stack sees the row so far.
-
-    python pixelcnn.py                                   # plain PixelCNN on binarized MNIST, sized for one GPU
-    python pixelcnn.py --arch gated --conditional        # gated, class-conditional
-    python pixelcnn.py --device cpu --precision bf16 --channels 64 --layers 6 --steps 6300 --batch-size 32 \
+    python pixelcnn.py                                    # plain PixelCNN on binarized MNIST, sized for one GPU
+    python pixelcnn.py --arch gated --conditional --out runs/pixelcnn-cond   # gated, class-conditional
+    python pixelcnn.py --device cpu --precision bf16 --channels 64 --layers 6 --steps 6300 --batch-size 32 \\
         --lr 3e-3 --sample-every 100000 --num-samples 16 --out runs/pixelcnn-cpu   # quick CPU run: 89.3 nats, 9 min
-  then, with the model flags of that run (--channels 64 --layers 6; the checkpoint refuses others):
-    python pixelcnn.py --out runs/pixelcnn-cpu ... --eval       # exact NLL on the whole test set (nats/image)
-    python pixelcnn.py --out runs/pixelcnn-cpu ... --sample     # samples.png, samples.pt (timed)
-    python pixelcnn.py --out runs/pixelcnn-cpu ... --complete   # complete the bottom half of test images
-    python pixelcnn.py --out runs/pixelcnn-cond ... --sample --label 3   # (a --conditional run) draws threes
-    python pixelcnn.py --receptive-field --channels 48 --layers 12       # the blind spot, plain vs gated
+    python pixelcnn.py --out runs/pixelcnn-cpu --eval       # exact NLL on the whole test set -> eval.json
+    python pixelcnn.py --out runs/pixelcnn-cpu --sample     # samples.png, samples.pt (timed)
+    python pixelcnn.py --out runs/pixelcnn-cpu --complete   # completion.png: the bottom half of test images
+    python pixelcnn.py --out runs/pixelcnn-cond --sample --label 3   # threes, from the conditional run
+    python pixelcnn.py --receptive-field --channels 48 --layers 12   # -> runs/pixelcnn-mnist/receptive_field.png
 """
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -48,33 +41,113 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import MaskedConv2d
 
 NUM_CLASSES = 10
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
-    steps: int = common.opt(20000, "training steps", runtime=True)
-    lr: float = common.opt(1e-3, "Adam learning rate (decays to 0 on a cosine)", runtime=True)
-    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", runtime=True)
-    sample_every: int = common.opt(5000, "steps between sample grids", runtime=True)
-    ckpt_every: int = common.opt(2000, "steps between checkpoints", runtime=True)
-    # the network
+class ModelConfig(common.ModelConfig):
     arch: str = common.opt("plain", "plain PixelCNN or gated PixelCNN (no blind spot)", choices=["plain", "gated"])
-    channels: int = common.opt(128, "feature maps per layer (2h in the paper's residual block; a multiple of 2 x colours)")
-    layers: int = common.opt(12, "residual blocks (plain) or gated layers after the first (gated)")
+    channels: int = common.opt(128, "feature maps per layer (2h in the paper's residual block; a multiple of "
+                               "2 x colours)", "[2, inf)")
+    layers: int = common.opt(12, "residual blocks (plain) or gated layers after the first (gated)", "[1, inf)")
     conditional: bool = common.opt(False, "condition on the class label (a label embedding added in every layer)")
-    # sampling and evaluation
-    label: int = common.opt(-1, "--sample with --conditional: draw this class (-1: classes 0..9 in turn)", runtime=True)
-    fast: bool = common.opt(True, "sample by running the network only on the rows that can still change (--no-fast: whole image)", runtime=True)
-    eval: bool = common.opt(False, "exact NLL of the checkpoint in --out on the test set", runtime=True)
-    eval_n: int = common.opt(0, "test images for --eval and the end-of-training NLL (0 = all)", runtime=True)
-    complete: bool = common.opt(False, "sample the bottom half of test images given their top half", runtime=True)
-    receptive_field: bool = common.opt(False, "draw d(output pixel)/d(input) for the plain and gated nets", runtime=True)
+
+
+@dataclasses.dataclass
+class Config(common.RunConfig):
+    steps: int = common.opt(20000, "training steps", "[1, inf)")
+    lr: float = common.opt(1e-3, "Adam learning rate (decays to 0 on a cosine)", "(0, inf)")
+    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
+    sample_every: int = common.opt(5000, "steps between sample grids", "[1, inf)")
+    ckpt_every: int = common.opt(2000, "steps between checkpoints", "[1, inf)")
+    label: int = common.opt(-1, "class to sample from a --conditional model (--sample, the grids of a run, "
+                            "--complete); -1: classes 0..9 in turn (--complete: the test images' own)", "[-1, 9]")
+    fast: bool = common.opt(True, "sample by running the network only on the rows that can still change "
+                            "(--no-fast: the whole image every pass)")
+    eval_n: int = common.opt(0, "test images for --eval and the end-of-run NLL (0 = all)", "[0, inf)")
+    complete: bool = common.opt(False, "sample the bottom half of test images given their top half",
+                                mode="checkpoint")
+    receptive_field: bool = common.opt(False, "picture d(output pixel)/d(input) of untrained plain and gated nets "
+                                       "of these model flags in --out (no data, no checkpoint)", mode="alone")
+
+
+# ----------------------------------------------------------------------------- masked convolutions and pixel values
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only pixels before the centre in raster order (van den Oord et al. 2016).
+
+    Mask A (first layer) also hides the centre pixel itself; mask B (later layers) lets a feature see the
+    centre, which holds only information from earlier pixels after a mask-A layer. With colour
+    (`colors` = 3) the channels are split into R, G, B thirds and, at the centre, R sees nothing of the
+    pixel (A) or only R features (B), G sees R (A) or R, G (B), and B sees R, G (A) or R, G, B (B).
+    A 5x5 kernel, mask A / mask B (1 = used, 0 = masked):
+
+        1 1 1 1 1      1 1 1 1 1
+        1 1 1 1 1      1 1 1 1 1
+        1 1 0 0 0      1 1 1 0 0
+        0 0 0 0 0      0 0 0 0 0
+        0 0 0 0 0      0 0 0 0 0
+
+    The mask is a buffer multiplied into the weight on every forward pass, so the optimizer can never
+    move a masked weight away from zero in effect.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, mask_type, colors=1, **kwargs):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_ch, out_ch, (kh, kw), padding=(kh // 2, kw // 2), **kwargs)
+        assert mask_type in ("A", "B") and in_ch % colors == 0 and out_ch % colors == 0
+        mask = torch.ones_like(self.weight)  # out_ch x in_ch x kh x kw
+        mask[:, :, kh // 2, kw // 2:] = 0  # the centre row, from the centre rightwards
+        mask[:, :, kh // 2 + 1:] = 0  # every row below the centre
+        group_out = torch.arange(out_ch) * colors // out_ch  # colour of each output channel: 0=R, 1=G, 2=B
+        group_in = torch.arange(in_ch) * colors // in_ch
+        sees = group_out[:, None] > group_in[None, :] if mask_type == "A" else group_out[:, None] >= group_in[None, :]
+        mask[:, :, kh // 2, kw // 2] = sees.float()  # the centre pixel: only earlier colours (A) or up to its own (B)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding, self.dilation)
+
+
+def pixel_levels(binary):
+    """Output values per sub-pixel: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit."""
+    return 1 if binary else 256
+
+
+def pixel_logits(net_out, colors, binary):
+    """Reshape a network output of colors*levels channels to B x C x levels x H x W (levels = 1 or 256).
+    The channel layout matches MaskedConv2d's colour groups: R's logits first, then G's, then B's."""
+    b, _, h, w = net_out.shape
+    return net_out.view(b, colors, pixel_levels(binary), h, w)
+
+
+def pixel_nll(logits, x, binary):
+    """-log p(x) = -sum_i log p(x_i | x_<i), in nats per image (a B-vector).
+
+    `x` holds the targets: 0/1 floats for binarized data, levels 0..255 for 8-bit data. The network
+    sees x only through masked layers, so the sum over sub-pixels is exactly the chain rule."""
+    if binary:
+        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.float(), reduction="none")
+    else:
+        nll = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # B x C x H x W
+    return nll.flatten(1).sum(1)
+
+
+def sample_pixel(logits, binary, rng):
+    """Sample one value per sub-pixel from B x C x levels [x ...] logits (0/1 floats, or levels 0..255)."""
+    if binary:
+        return torch.bernoulli(torch.sigmoid(logits[:, :, 0].float()), generator=rng)
+    probs = torch.softmax(logits.float().movedim(2, -1), -1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=rng).view(probs.shape[:-1]).float()
 
 
 # ----------------------------------------------------------------------------- the plain PixelCNN
+
+def scale_input(x, binary):
+    """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that the zero padding means "no pixel", not black."""
+    return x * 2 - 1 if binary else x / 127.5 - 1
+
 
 class ResidualBlock(nn.Module):
     """The PixelCNN residual block (van den Oord et al. 2016a, fig. 5): ReLU, 1x1 (2h -> h), ReLU, 3x3 (h -> h),
@@ -105,10 +178,10 @@ class PixelCNN(nn.Module):
 
     def __init__(self, colors, ch, layers, conditional):
         super().__init__()
-        self.colors, self.binary = colors, colors == 1  # 1 channel: binarized (Bernoulli); 3: 8-bit (256-way softmax)
+        self.colors, self.binary = colors, colors == 1  # common.is_binary: 1 channel binarized, 3 channels 8-bit
         self.stem = MaskedConv2d(colors, ch, 7, "A", colors)
         self.blocks = nn.ModuleList(ResidualBlock(ch, colors, conditional) for _ in range(layers))
-        self.head = output_head(ch, colors, common.pixel_levels(self.binary))
+        self.head = output_head(ch, colors, pixel_levels(self.binary))
         self.rows_above = 7 // 2 + layers * (3 // 2)  # how far up an output's receptive field reaches (fast sampler)
 
     def forward(self, x, y=None):
@@ -116,11 +189,6 @@ class PixelCNN(nn.Module):
         for block in self.blocks:
             h = block(h, y)
         return self.head(h)
-
-
-def scale_input(x, binary):
-    """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that the zero padding means "no pixel", not black."""
-    return x * 2 - 1 if binary else x / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------- the gated PixelCNN
@@ -173,7 +241,7 @@ class GatedPixelCNN(nn.Module):
         self.colors, self.binary = colors, colors == 1
         self.layers = nn.ModuleList([GatedLayer(colors, ch, 7, "A", colors, conditional)] +
                                     [GatedLayer(ch, ch, 3, "B", colors, conditional) for _ in range(layers)])
-        self.head = output_head(ch, colors, common.pixel_levels(self.binary))
+        self.head = output_head(ch, colors, pixel_levels(self.binary))
         self.rows_above = 7 // 2 + layers * (3 // 2) + 1  # + 1 for the down-shift into the horizontal stack
 
     def forward(self, x, y=None):
@@ -183,26 +251,53 @@ class GatedPixelCNN(nn.Module):
         return self.head(h)
 
 
-def build_model(cfg, colors):
-    if cfg.channels % (2 * colors):
-        raise common.UsageError(f"--channels {cfg.channels} must be a multiple of {2 * colors} "
-                                f"(halved in the blocks, split into {colors} colour group(s)); try 24, 48 or 96")
-    if cfg.layers < 1:
-        raise common.UsageError("--layers must be at least 1")
-    net = PixelCNN if cfg.arch == "plain" else GatedPixelCNN
-    return net(colors, cfg.channels, cfg.layers, cfg.conditional)
+def build_model(mcfg, shape):
+    """The network for images of `shape` (C x H x W; C = 1 binarized or 3 colour); any H and W."""
+    colors, m = shape[0], 2 * shape[0]
+    if mcfg.channels % m:
+        why = "even (the residual blocks halve it)" if colors == 1 else \
+            f"a multiple of {m} with colour images (halved in the blocks, then split into R, G, B groups)"
+        below, above = mcfg.channels // m * m, mcfg.channels // m * m + m
+        raise common.UsageError(f"--channels {mcfg.channels} must be {why}; try --channels "
+                                + (f"{below} or {above}" if below else f"{above}"))
+    net = PixelCNN if mcfg.arch == "plain" else GatedPixelCNN
+    return net(colors, mcfg.channels, mcfg.layers, mcfg.conditional)
 
 
-# ----------------------------------------------------------------------------- likelihood and sampling
+# ----------------------------------------------------------------------------- the data as the model sees it
+
+def load_split(cfg, split, device):
+    """(x uint8, y or None): the labels only for a --conditional model, which needs them."""
+    x, y = common.load_dataset(cfg.model.dataset, cfg.data_dir, split, device)
+    if cfg.model.conditional and y is None:
+        raise common.UsageError(f"--conditional needs class labels and {cfg.model.dataset} has none; drop --conditional")
+    return x, (y if cfg.model.conditional else None)
+
+
+def prepare(x_uint8, data_rng=None, fixed=False):
+    """uint8 images -> model values: 1-channel images binarized (common.is_binary; afresh with data_rng for
+    training, once with a fixed seed for the test set, so test NLLs are comparable between runs), or the levels
+    0..255 as floats for 8-bit colour."""
+    if not common.is_binary(x_uint8):
+        return x_uint8.float()
+    return common.fixed_binarization(x_uint8) if fixed else common.binarize(x_uint8, data_rng)
+
+
+def levels_to_unit(v, binary):
+    """Model values (0/1, or levels 0..255) -> [0, 1], the range of pictures and samples.pt."""
+    return v if binary else v / 255
+
+
+# ----------------------------------------------------------------------------- the loss: the exact NLL
 
 def logits(model, x, y=None):
     """B x C x levels x H x W: the parameters of p(x_i | x_<i) for every sub-pixel i at once."""
-    return common.pixel_logits(model(x, y).float(), model.colors, model.binary)
+    return pixel_logits(model(x, y).float(), model.colors, model.binary)
 
 
 def nll(model, x, y=None):
     """-log p(x) = -sum_i log p(x_i | x_1 .. x_{i-1}) in nats per image: exact, one network pass."""
-    return common.pixel_nll(logits(model, x, y), x, model.binary)
+    return pixel_nll(logits(model, x, y), x, model.binary)
 
 
 def loss_fn(model, x, y=None):
@@ -213,17 +308,10 @@ def loss_fn(model, x, y=None):
     return per_image.mean(), figures
 
 
-@torch.no_grad()
-def test_nll(model, x, y=None, batch=500):
-    """Mean exact NLL (nats/image) over all of x."""
-    total = 0.0
-    for i in range(0, len(x), batch):
-        total += nll(model, x[i:i + batch], None if y is None else y[i:i + batch]).sum().item()
-    return total / len(x)
-
+# ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(model, x, y=None, start_row=0, fast=True, generator=None, progress=False):
+def sample(model, x, y, rng, start_row=0, fast=True, progress=False):
     """Fill rows start_row.. of x (B x C x H x W pixel values) in raster order, sub-pixel by sub-pixel:
     x_i ~ p(x_i | x_1 .. x_{i-1}), one network pass per sub-pixel (H x W x C passes in all).
 
@@ -237,9 +325,160 @@ def sample(model, x, y=None, start_row=0, fast=True, generator=None, progress=Fa
         top, bottom = (max(0, r - model.rows_above), r + 1) if fast else (0, h)  # rows below r cannot matter yet
         for col in range(w):
             for ch in range(c):  # R, then G (seeing R), then B (seeing R, G)
-                out = logits(model, x[:, :, top:bottom], y)[:, ch:ch + 1, :, r - top, col]  # B x 1 x levels
-                x[:, ch, r, col] = common.sample_pixel(out, model.binary, generator)[:, 0]
+                pixel = logits(model, x[:, :, top:bottom], y)[:, ch:ch + 1, :, r - top, col]  # B x 1 x levels
+                x[:, ch, r, col] = sample_pixel(pixel, model.binary, rng)[:, 0]
     return x
+
+
+def class_labels(cfg, n, device):
+    """The classes to sample n images of: None for an unconditional model, else --label, or 0..9 in turn."""
+    if not cfg.model.conditional:
+        if cfg.label >= 0:
+            raise common.UsageError(f"--label {cfg.label} needs a model trained with --conditional, and this one is "
+                                    f"not: drop --label (or train with --conditional)")
+        return None
+    return torch.full((n,), cfg.label, device=device) if cfg.label >= 0 else torch.arange(n, device=device) % NUM_CLASSES
+
+
+def sample_images(cfg, model, n, shape, progress=False):
+    """n new images (model values) from empty canvases, with a generator seeded by --seed: every grid of a run
+    uses the same random numbers, and the training run's own never move."""
+    device = next(model.parameters()).device
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    canvas = torch.zeros(n, *shape, device=device)
+    return sample(model, canvas, class_labels(cfg, n, device), rng, fast=cfg.fast, progress=progress)
+
+
+# ----------------------------------------------------------------------------- evaluation: the exact test NLL
+
+@torch.no_grad()
+def mean_nll(model, x, y=None, batch=500):
+    """Mean exact NLL (nats/image) over all of x (model values)."""
+    total = 0.0
+    for i in range(0, len(x), batch):
+        total += nll(model, x[i:i + batch], None if y is None else y[i:i + batch]).sum().item()
+    return total / len(x)
+
+
+def report_test_nll(cfg, model, x_test, y_test):
+    """The first --eval-n test images (all by default): exact NLL, printed and written to eval.json."""
+    n = min(cfg.eval_n or len(x_test), len(x_test))
+    model.eval()
+    start = time.time()
+    value = mean_nll(model, prepare(x_test[:n], fixed=True), None if y_test is None else y_test[:n])
+    seconds = time.time() - start
+    rows = {"exact NLL (nats/image)": value}
+    if not model.binary:
+        rows["bits/dim"] = common.nats_to_bits_per_dim(value, x_test[0].numel())
+    kind = "binarized with a fixed seed" if model.binary else "8-bit"
+    return common.report(cfg.out, f"pixelcnn: {n} {cfg.model.dataset} test images ({kind}), {n / seconds:,.0f} img/s",
+                         rows, images=n)
+
+
+def load_for_inference(cfg):
+    """The trained network in --out, on its device, in eval mode, and the test split (x uint8, y or None)."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = load_split(cfg, "test", device)
+    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelcnn", model=model)
+    return model.eval(), x_test, y_test
+
+
+def evaluate(cfg):
+    model, x_test, y_test = load_for_inference(cfg)
+    return report_test_nll(cfg, model, x_test, y_test)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    device = common.get_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    x_train, y_train = load_split(cfg, "train", device)
+    x_test, y_test = load_split(cfg, "test", device)  # for the end-of-run NLL; missing test data stops us here
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
+    n_grid = min(cfg.num_samples, 64)
+    class_labels(cfg, n_grid, device)  # so does a --label an unconditional model cannot take
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data_rng = common.data_generator(device, cfg.seed)
+    out = common.start_run(cfg)
+    step = common.load_checkpoint(out / "ckpt.pt", "pixelcnn", data_rng, model=model, opt=opt) if cfg.resume else 0
+    common.check_resume(cfg, step)
+    print(f"pixelcnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {device}")
+    forward_model = common.maybe_compile(model, cfg)
+    start, log = step, common.Logger(out, cfg.steps, step)
+    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, step, rng, model=model, opt=opt)
+
+    def sample_grid():
+        x = sample_images(cfg, model.eval(), n_grid, x_train.shape[1:])
+        common.save_grid(levels_to_unit(x, model.binary), out / f"samples_{step}.png")
+
+    with common.CtrlC() as ctrl_c:
+        while step < cfg.steps and not ctrl_c.requested:
+            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
+            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            batch = common.random_batch(x_train, cfg.batch_size, data_rng, y_train)
+            x, y = batch if y_train is not None else (batch, None)
+            x = prepare(x, data_rng)
+            with common.autocast(device, cfg.precision):
+                loss, figures = loss_fn(forward_model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            common.check_finite(step, loss=loss, grad_norm=grad_norm)  # before the update: a diverged step is never applied
+            if step > start and step % cfg.ckpt_every == 0:
+                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
+            opt.step()
+            step += 1
+            log.count(cfg.batch_size)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.log(step, **figures, grad_norm=grad_norm)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                common.run_safely("the sample grid", sample_grid)
+                model.train()
+    save(common.rng_state(data_rng))  # the end of the run, or Ctrl-C after the step under way
+    ctrl_c.exit_if_requested(step)
+    common.run_safely("the test NLL", lambda: report_test_nll(cfg, model, x_test, y_test))  # the family's measure
+    print(f"done: {out}")
+
+
+# ----------------------------------------------------------------------------- the other modes
+
+def sample_from_checkpoint(cfg):
+    model, x_test, _ = load_for_inference(cfg)
+    start = time.time()
+    x = levels_to_unit(sample_images(cfg, model, cfg.num_samples, x_test.shape[1:], progress=True), model.binary).cpu()
+    seconds = time.time() - start
+    common.save_grid(x[:256], Path(cfg.out) / "samples.png")
+    torch.save(x, Path(cfg.out) / "samples.pt")
+    print(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} network passes, {'fast' if cfg.fast else 'naive'} "
+          f"sampler) -> {cfg.out}/samples.png, samples.pt")
+
+
+def complete(cfg, n=8, k=4):
+    """Rows: the top half of a test image (bottom hidden), k completions sampled from p(bottom | top), the original.
+    A --conditional model completes with each image's own label, or with --label."""
+    model, x_test, y_test = load_for_inference(cfg)
+    device = x_test.device
+    x = prepare(x_test[:n], fixed=True)
+    n = len(x)
+    y = class_labels(cfg, n * k, device)  # None for an unconditional model, which refuses --label
+    if y is not None and cfg.label < 0:
+        y = y_test[:n].repeat_interleave(k)  # each test image's own class
+    half = x.shape[2] // 2
+    given = x.clone()
+    given[:, :, half:] = 0
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    start = time.time()
+    filled = sample(model, given.repeat_interleave(k, 0), y, rng, start_row=half, fast=cfg.fast, progress=True)
+    seconds = time.time() - start
+    shown = given.clone()
+    shown[:, :, half:] = 0.5 * (1 if model.binary else 255)  # grey: the hidden half
+    rows = torch.cat([shown[:, None], filled.view(n, k, *x.shape[1:]), x[:, None]], 1).flatten(0, 1)
+    common.save_grid(levels_to_unit(rows, model.binary), Path(cfg.out) / "completion.png", nrow=k + 2)
+    print(f"{n * k} completions of {n} test images in {seconds:.1f}s -> {cfg.out}/completion.png")
 
 
 def receptive_field(model, shape, pixel, channel=0):
@@ -247,20 +486,21 @@ def receptive_field(model, shape, pixel, channel=0):
     output cannot depend on the input."""
     x = (torch.rand(1, *shape) * (1 if model.binary else 255)).requires_grad_()
     y = torch.zeros(1, dtype=torch.long)
-    out = logits(model, x, y)[0, channel, :, pixel[0], pixel[1]]
-    out.sum().backward()
+    logits(model, x, y)[0, channel, :, pixel[0], pixel[1]].sum().backward()
     return x.grad[0].abs()
 
 
-def receptive_field_picture(cfg, path, size=28, zoom=6):
-    """Plain and gated nets of this config side by side (untrained: the picture is about structure).
+def receptive_field_picture(cfg, size=28, zoom=6):
+    """Untrained plain and gated nets of the model flags (--channels, --layers), side by side, for a 1-channel
+    size x size image: the picture is about structure, so it needs no data and no checkpoint.
     White: log |gradient| (scaled from the smallest non-zero one to the largest); red: the output pixel;
     blue: earlier pixels the output cannot see (the blind spot, with enough layers)."""
-    torch.manual_seed(cfg.seed)
+    common.seed_everything(cfg.seed)
+    shape = (1, size, size)
+    models = {arch: build_model(dataclasses.replace(cfg.model, arch=arch), shape) for arch in ("plain", "gated")}
     pixel, panels = (size // 2, size // 2), []
-    for arch in ("plain", "gated"):
-        model = build_model(dataclasses.replace(cfg, arch=arch), 1)
-        g = receptive_field(model, (1, size, size), pixel)[0]
+    for arch, model in models.items():
+        g = receptive_field(model, shape, pixel)[0]
         lo = g[g > 0].min()
         img = (torch.log(g.clamp(min=lo) / lo) / torch.log(g.max() / lo)).expand(3, -1, -1).clone()
         img[:, g == 0] = 0
@@ -269,171 +509,17 @@ def receptive_field_picture(cfg, path, size=28, zoom=6):
         img[:, pixel[0], pixel[1]] = torch.tensor([1.0, 0, 0])
         panels.append(img.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2))
         print(f"{arch}: {int(((g == 0) & earlier).sum())} of {int(earlier.sum())} earlier pixels in the blind spot")
-    common.save_grid(torch.stack(panels), path, nrow=2)
-
-
-# ----------------------------------------------------------------------------- data, training, sampling, eval
-
-def prepare(x_uint8, binary, generator=None, fixed=False):
-    """uint8 images -> model values: binarized (stochastic for training, one fixed seeded draw for the test
-    set, so test NLLs are comparable between runs), or levels 0..255 as floats for 8-bit data."""
-    if not binary:
-        return x_uint8.float()
-    return common.fixed_binarization(x_uint8) if fixed else common.binarize(x_uint8, generator)
-
-
-def load_split(cfg, split, device):
-    x, y = common.load_dataset(cfg.dataset, cfg.data_dir, split, device)
-    if x.shape[1] not in (1, 3):
-        raise common.UsageError(f"{x.shape[1]}-channel images: pixelcnn takes 1 (binarized) or 3 (8-bit colour)")
-    if cfg.conditional and y is None:
-        raise common.UsageError(f"--conditional needs class labels and {cfg.dataset} has none; drop --conditional")
-    return x, (y if cfg.conditional else None)
-
-
-def report(value, dims, binary):
-    return f"{value:.2f} nats/image" + ("" if binary else f" = {common.nats_to_bits_per_dim(value, dims):.4f} bits/dim")
-
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    out = common.start_run(cfg, "pixelcnn")
-    x_train, y_train = load_split(cfg, "train", device)
-    model = build_model(cfg, x_train.shape[1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = common.data_generator(device, cfg.seed)
-    step = common.load_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, model=model, opt=opt, gen=gen) if cfg.resume else 0
-    print(f"pixelcnn ({cfg.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {device}")
-    forward_model = common.maybe_compile(model, cfg)
-    log = common.Logger(out, cfg.steps, step)
-    save = lambda: common.save_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, step, model=model, opt=opt, gen=gen)
-    try:
-        while step < cfg.steps:
-            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            batch = common.random_batch(x_train, cfg.batch_size, gen, y_train)
-            x, y = batch if y_train is not None else (batch, None)
-            x = prepare(x, model.binary, gen)
-            with common.autocast(device, cfg.precision):
-                loss, figures = loss_fn(forward_model, x, y)
-            common.check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            opt.step()
-            step += 1
-            log.count(cfg.batch_size)
-            if step == cfg.steps:  # the measure of the family: exact NLL on the test set
-                figures["test_nll"] = evaluate_model(cfg, model, device)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, **figures)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                x_s = draw(cfg, model, min(cfg.num_samples, 64), x_train.shape[1:], device)
-                common.save_grid(to_unit(x_s, model.binary), out / f"samples_{step}.png")
-                model.train()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        print(f"interrupted: checkpoint saved at step {step}")
-        raise SystemExit(130)
-    print(f"done: {out}")
-
-
-def to_unit(x, binary):
-    return x if binary else x / 255
-
-
-def class_labels(cfg, n, device):
-    if not cfg.conditional:
-        if cfg.label >= 0:
-            raise common.UsageError("--label needs a model trained with --conditional")
-        return None
-    if cfg.label >= NUM_CLASSES:
-        raise common.UsageError(f"--label {cfg.label}: use 0..{NUM_CLASSES - 1} (or -1 for all classes in turn)")
-    return torch.full((n,), cfg.label, device=device) if cfg.label >= 0 else torch.arange(n, device=device) % NUM_CLASSES
-
-
-def draw(cfg, model, n, shape, device, progress=False):
-    """n fresh samples (pixel values), from a seeded generator so that every grid of a run uses the same noise."""
-    model.eval()
-    y = class_labels(cfg, n, device)
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    return sample(model, torch.zeros(n, *shape, device=device), y, fast=cfg.fast, generator=g, progress=progress)
-
-
-@torch.no_grad()
-def evaluate_model(cfg, model, device):
-    model.eval()
-    x, y = load_split(cfg, "test", device)
-    n = cfg.eval_n or len(x)
-    value = test_nll(model, prepare(x[:n], model.binary, fixed=True), None if y is None else y[:n])
-    model.train()
-    return value
-
-
-def load_for_inference(cfg):
-    device = common.get_device(cfg.device)
-    x_test, y_test = load_split(cfg, "test", device)
-    model = build_model(cfg, x_test.shape[1]).to(device)
-    out = common.out_dir(cfg, "pixelcnn")
-    common.load_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, model=model)
-    model.eval()
-    return device, model, out, x_test, y_test
-
-
-def sample_from_checkpoint(cfg):
-    device, model, out, x_test, _ = load_for_inference(cfg)
-    start = time.time()
-    x = to_unit(draw(cfg, model, cfg.num_samples, x_test.shape[1:], device, progress=True), model.binary).cpu()
-    seconds = time.time() - start
-    common.save_grid(x[:256], out / "samples.png")
-    torch.save(x, out / "samples.pt")
-    passes = x[0].numel()
-    print(f"{len(x)} samples in {seconds:.1f}s ({passes} network passes, {'fast' if cfg.fast else 'naive'} sampler) "
-          f"-> {out}/samples.png, samples.pt")
-
-
-def complete(cfg, n=8, k=4):
-    """Rows: the top half of a test image (bottom hidden), k completions sampled from p(bottom | top), the original."""
-    device, model, out, x_test, y_test = load_for_inference(cfg)
-    x = prepare(x_test[:n], model.binary, fixed=True)
-    y = None if y_test is None else y_test[:n].repeat_interleave(k)
-    half = x.shape[2] // 2
-    given = x.clone()
-    given[:, :, half:] = 0
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    start = time.time()
-    filled = sample(model, given.repeat_interleave(k, 0), y, start_row=half, fast=cfg.fast, generator=g, progress=True)
-    seconds = time.time() - start
-    shown = given.clone()
-    shown[:, :, half:] = 0.5 * (1 if model.binary else 255)  # grey: the hidden half
-    rows = torch.cat([shown[:, None], filled.view(n, k, *x.shape[1:]), x[:, None]], 1).flatten(0, 1)
-    common.save_grid(to_unit(rows, model.binary), out / "completion.png", nrow=k + 2)
-    print(f"{n * k} completions of {n} test images in {seconds:.1f}s -> {out}/completion.png")
-
-
-def evaluate(cfg):
-    device, model, out, x_test, y_test = load_for_inference(cfg)
-    n = cfg.eval_n or len(x_test)
-    start = time.time()
-    value = test_nll(model, prepare(x_test[:n], model.binary, fixed=True), None if y_test is None else y_test[:n])
-    seconds = time.time() - start
-    kind = "fixed seeded binarization" if model.binary else "8-bit"
-    print(f"exact test NLL on {n} {cfg.dataset} images ({kind}): {report(value, x_test[0].numel(), model.binary)} "
-          f"({n / seconds:,.0f} img/s)")
-    return value
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_grid(torch.stack(panels), out / "receptive_field.png", nrow=2)
+    print(f"-> {out}/receptive_field.png")
 
 
 @common.entry
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_args(ModelConfig, Config, "pixelcnn", argv)
     if cfg.receptive_field:
-        out = common.out_dir(cfg, "pixelcnn")
-        out.mkdir(parents=True, exist_ok=True)
-        receptive_field_picture(cfg, out / "receptive_field.png")
+        receptive_field_picture(cfg)
     elif cfg.sample:
         sample_from_checkpoint(cfg)
     elif cfg.complete:

@@ -46,8 +46,8 @@ def main():
     args = p.parse_args()
     device = common.get_device(args.device)
     torch.manual_seed(0)
-    net = P.PixelCNN if args.arch == "plain" else P.GatedPixelCNN
-    model = net(1, args.channels, args.layers, False).to(device)
+    mcfg = P.ModelConfig(arch=args.arch, channels=args.channels, layers=args.layers)
+    model = P.build_model(mcfg, (1, 28, 28)).to(device)
     print(f"pixelcnn {args.arch}, {args.channels} channels, {args.layers} layers, {device}, "
           f"{torch.get_num_threads()} threads, {sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -66,7 +66,7 @@ def main():
 
     model.eval()
     x_eval = torch.bernoulli(torch.full((args.eval_images, 1, 28, 28), 0.15, device=device))
-    t, _ = timed(lambda: P.test_nll(model, x_eval), device)
+    t, _ = timed(lambda: P.mean_nll(model, x_eval), device)
     print(f"exact NLL: {args.eval_images / t:8.1f} img/s ({args.eval_images} images; the 10,000 test images take "
           f"{10000 * t / args.eval_images:.0f} s)")
 
@@ -75,8 +75,8 @@ def main():
         for fast in (False, True):
             start = torch.zeros(n, 1, 28, 28, device=device)
             start_row = 28 - args.rows  # rows above it stay 0: the cost of the last `rows` rows only
-            g = torch.Generator(device).manual_seed(0)
-            times[fast], images[fast] = timed(lambda: P.sample(model, start, None, start_row, fast, g), device)
+            rng = torch.Generator(device).manual_seed(0)
+            times[fast], images[fast] = timed(lambda: P.sample(model, start, None, rng, start_row, fast), device)
         scale = 28 / args.rows
         print(f"sampling {n:3d} images: naive {times[False] * scale:7.1f} s, fast {times[True] * scale:7.1f} s, "
               f"speed-up {times[False] / times[True]:4.2f}x, same images: {torch.equal(images[False], images[True])}"
