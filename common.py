@@ -296,10 +296,10 @@ def data_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def is_binary(x_uint8):
+def is_binary(channels):
     """The one rule for binarized data (vae, pixelcnn, pixelrnn): 1-channel images are binarized, as in the papers'
     binarized MNIST; 3-channel images keep their 256 levels per sub-pixel."""
-    return x_uint8.shape[1] == 1
+    return channels == 1
 
 
 def binarize(x_uint8, generator=None):

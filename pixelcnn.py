@@ -178,7 +178,7 @@ class PixelCNN(nn.Module):
 
     def __init__(self, colors, ch, layers, conditional):
         super().__init__()
-        self.colors, self.binary = colors, colors == 1  # common.is_binary: 1 channel binarized, 3 channels 8-bit
+        self.colors, self.binary = colors, common.is_binary(colors)  # 1 channel binarized, 3 channels 8-bit
         self.stem = MaskedConv2d(colors, ch, 7, "A", colors)
         self.blocks = nn.ModuleList(ResidualBlock(ch, colors, conditional) for _ in range(layers))
         self.head = output_head(ch, colors, pixel_levels(self.binary))
@@ -278,7 +278,7 @@ def prepare(x_uint8, data_rng=None, fixed=False):
     """uint8 images -> model values: 1-channel images binarized (common.is_binary; afresh with data_rng for
     training, once with a fixed seed for the test set, so test NLLs are comparable between runs), or the levels
     0..255 as floats for 8-bit colour."""
-    if not common.is_binary(x_uint8):
+    if not common.is_binary(x_uint8.shape[1]):
         return x_uint8.float()
     return common.fixed_binarization(x_uint8) if fixed else common.binarize(x_uint8, data_rng)
 

@@ -13,41 +13,103 @@ forward pass scores a whole image; sampling has to go pixel by pixel.
 
 Run:
     python pixelrnn.py                                  # Diagonal BiLSTM on binarized MNIST, sized for one GPU
-    python pixelrnn.py --arch row                       # Row LSTM
-    python pixelrnn.py --eval                           # exact NLL on the whole test set (nats/image, bits/dim)
-    python pixelrnn.py --sample                         # 64 samples from runs/pixelrnn-mnist/ckpt.pt
-    python pixelrnn.py --complete                       # complete the bottom half of test images
-    python pixelrnn.py --receptive-field                # gradient picture: Row LSTM triangle vs Diagonal BiLSTM
-README.md gives a quick CPU command.
+    python pixelrnn.py --arch row --out runs/pixelrnn-row           # Row LSTM
+    OMP_NUM_THREADS=1 python pixelrnn.py --device cpu --layers 2 --hidden 16 --head 32 --batch-size 32 \
+        --lr 2e-3 --steps 100000 --max-minutes 11 --log-every 50 --ckpt-every 500 --sample-every 1000000 \
+        --num-samples 16 --out runs/pixelrnn-cpu        # the quick CPU run: about 12.5 minutes in all
+    python pixelrnn.py --out runs/pixelrnn-cpu --eval   # exact NLL on the whole test set (nats/image, bits/dim)
+    python pixelrnn.py --out runs/pixelrnn-cpu --sample # samples.png, samples.pt
+    python pixelrnn.py --out runs/pixelrnn-cpu --complete                   # complete the bottom half of test images
+    python pixelrnn.py --receptive-field --layers 2 --hidden 6 --head 12    # Row LSTM triangle vs Diagonal BiLSTM
 """
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
-from common import MaskedConv2d
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
-    steps: int = common.opt(40000, "training steps", runtime=True)
-    batch_size: int = common.opt(64, "images per training step", runtime=True)
-    lr: float = common.opt(1e-3, "peak learning rate (Adam), decayed to 0 on a cosine", runtime=True)
-    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", runtime=True)
-    sample_every: int = common.opt(2000, "steps between sample grids (0 = none; each costs H*W*C network passes)", runtime=True)
-    max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says (0 = no limit)", runtime=True)
+class ModelConfig(common.ModelConfig):
     arch: str = common.opt("diag", "recurrent layer: diag (Diagonal BiLSTM) or row (Row LSTM)", choices=["diag", "row"])
-    layers: int = common.opt(7, "recurrent layers (each a residual block)")
-    hidden: int = common.opt(48, "h, LSTM state size; the residual stream has 2h features (a multiple of 3 for colour)")
-    head: int = common.opt(96, "width of the 1x1 mask-B output convolutions")
-    eval: bool = common.opt(False, "exact NLL of the checkpoint on the test set", runtime=True)
-    eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", runtime=True)
-    complete: bool = common.opt(False, "complete the bottom half of test images with the checkpoint", runtime=True)
-    receptive_field: bool = common.opt(False, "draw both layers' receptive fields (untrained weights)", runtime=True)
+    layers: int = common.opt(7, "recurrent layers (each a residual block)", "[1, inf)")
+    hidden: int = common.opt(48, "h, LSTM state size; the residual stream has 2h features (a multiple of 3 for colour)", "[1, inf)")
+    head: int = common.opt(96, "width of the 1x1 mask-B output convolutions (a multiple of 3 for colour)", "[1, inf)")
+
+
+@dataclasses.dataclass
+class Config(common.RunConfig):
+    steps: int = common.opt(40000, "training steps", "[1, inf)")
+    batch_size: int = common.opt(64, "images per training step", "[1, inf)")
+    lr: float = common.opt(1e-3, "peak learning rate (Adam), decayed to 0 on a cosine", "(0, inf)")
+    grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
+    sample_every: int = common.opt(2000, "steps between sample grids (each costs H*W*C network passes)", "[1, inf)")
+    max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says (0 = no limit)", "[0, inf)")
+    eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", "[0, inf)")
+    complete: bool = common.opt(False, "complete the bottom half of test images with the checkpoint", mode="checkpoint")
+    receptive_field: bool = common.opt(False, "draw both layers' receptive fields (untrained weights)", mode="alone")
+
+
+# ----------------------------------------------------------------------------- masked convolutions and pixel likelihoods
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only pixels before the centre in raster order: mask A also hides the centre pixel,
+    mask B keeps it; with colour, at the centre, R sees nothing (A) or R (B), G sees R (A) or R, G (B), B sees
+    R, G (A) or R, G, B (B). The same code as pixelcnn.py's (which draws the masks); a test keeps them identical."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, mask_type, colors=1, **kwargs):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_ch, out_ch, (kh, kw), padding=(kh // 2, kw // 2), **kwargs)
+        assert mask_type in ("A", "B") and in_ch % colors == 0 and out_ch % colors == 0
+        mask = torch.ones_like(self.weight)  # out_ch x in_ch x kh x kw
+        mask[:, :, kh // 2, kw // 2:] = 0  # the centre row, from the centre rightwards
+        mask[:, :, kh // 2 + 1:] = 0  # every row below the centre
+        group_out = torch.arange(out_ch) * colors // out_ch  # colour of each output channel: 0=R, 1=G, 2=B
+        group_in = torch.arange(in_ch) * colors // in_ch
+        sees = group_out[:, None] > group_in[None, :] if mask_type == "A" else group_out[:, None] >= group_in[None, :]
+        mask[:, :, kh // 2, kw // 2] = sees.float()  # the centre pixel: only earlier colours (A) or up to its own (B)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding, self.dilation)
+
+
+def pixel_levels(binary):
+    """Output values per sub-pixel: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit."""
+    return 1 if binary else 256
+
+
+def pixel_logits(net_out, colors, binary):
+    """Reshape a network output of colors*levels channels to B x C x levels x H x W (levels = 1 or 256).
+    The channel layout matches MaskedConv2d's colour groups: R's logits first, then G's, then B's."""
+    b, _, h, w = net_out.shape
+    return net_out.view(b, colors, pixel_levels(binary), h, w)
+
+
+def pixel_nll(logits, x, binary):
+    """-log p(x) = -sum_i log p(x_i | x_<i), in nats per image (a B-vector).
+
+    `x` holds the targets: 0/1 floats for binarized data, levels 0..255 for 8-bit data. The network
+    sees x only through masked layers, so the sum over sub-pixels is exactly the chain rule."""
+    if binary:
+        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.float(), reduction="none")
+    else:
+        nll = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # B x C x H x W
+    return nll.flatten(1).sum(1)
+
+
+def sample_pixel(logits, binary, rng):
+    """Sample one value per sub-pixel from B x C x levels [x ...] logits (0/1 floats, or levels 0..255)."""
+    if binary:
+        return torch.bernoulli(torch.sigmoid(logits[:, :, 0].float()), generator=rng)
+    probs = torch.softmax(logits.float().movedim(2, -1), -1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=rng).view(probs.shape[:-1]).float()
 
 
 # ----------------------------------------------------------------------------- the recurrence, one batched step per row or column
@@ -184,7 +246,7 @@ class PixelRNN(nn.Module):
         self.input = MaskedConv2d(colors, 2 * hidden, 7, "A", colors)
         self.blocks = nn.ModuleList(ResidualBlock(arch, hidden, colors) for _ in range(layers))
         self.output = nn.Sequential(nn.ReLU(), MaskedConv2d(2 * hidden, head, 1, "B", colors), nn.ReLU(),
-                                    MaskedConv2d(head, colors * common.pixel_levels(binary), 1, "B", colors))
+                                    MaskedConv2d(head, colors * pixel_levels(binary), 1, "B", colors))
 
     def forward(self, x):
         # Pad 3 zero columns on the right (the 7x7 kernel's half-width). A mask-A feature never holds its own
@@ -195,23 +257,21 @@ class PixelRNN(nn.Module):
         h = self.input(F.pad(x, (0, 3)))
         for block in self.blocks:
             h = block(h)
-        return common.pixel_logits(self.output(h[..., :W]).contiguous(), self.colors, self.binary)
+        return pixel_logits(self.output(h[..., :W]).contiguous(), self.colors, self.binary)
 
 
-def build_model(cfg, colors, binary):
+def build_model(mcfg, shape):
+    """The PixelRNN for images of `shape` (C, H, W): binarized (Bernoulli) for 1 channel, 8-bit (256-way) for 3."""
+    colors = shape[0]
     for name in ("hidden", "head"):
-        if getattr(cfg, name) % colors or getattr(cfg, name) < 1:
-            raise common.UsageError(f"--{name} {getattr(cfg, name)} must be a positive multiple of {colors} (the R, G, B "
-                                    f"feature groups); try --{name} {max(colors, getattr(cfg, name) // colors * colors)}")
-    return PixelRNN(cfg.arch, colors, binary, cfg.hidden, cfg.layers, cfg.head)
+        value = getattr(mcfg, name)
+        if value % colors:
+            raise common.UsageError(f"--{name} {value} must be a multiple of {colors} with {colors}-channel images (the R, G, "
+                                    f"B feature groups); try --{name} {value // colors * colors or colors} or {(value // colors + 1) * colors}")
+    return PixelRNN(mcfg.arch, colors, common.is_binary(colors), mcfg.hidden, mcfg.layers, mcfg.head)
 
 
-# ----------------------------------------------------------------------------- data, likelihood, sampling
-
-def is_binary(cfg, x):
-    """Binarized pixels for MNIST-like 1-channel data (the papers' setting); 256-way 8-bit pixels otherwise."""
-    return cfg.dataset in ("mnist", "fashion-mnist") and x.shape[1] == 1
-
+# ----------------------------------------------------------------------------- likelihood and sampling
 
 def net_input(v, binary, dtype=torch.float32):
     """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that zero padding means "no pixel", not black."""
@@ -221,33 +281,50 @@ def net_input(v, binary, dtype=torch.float32):
 def nll(model, v, binary):
     """-log p(x) in nats per image (a B-vector): one forward pass, the chain rule summed over all sub-pixels."""
     logits = model(net_input(v, binary, model.input.weight.dtype))
-    return common.pixel_nll(logits if logits.dtype == torch.float64 else logits.float(), v, binary)  # fp32 under bf16
+    return pixel_nll(logits if logits.dtype == torch.float64 else logits.float(), v, binary)  # fp32 under bf16
 
 
 @torch.no_grad()
-def sample(model, v, binary, start_row=0, generator=None):
+def sample(model, v, binary, rng, start_row=0, progress=False):
     """Fill rows start_row.. of v (B x C x H x W pixel values) one sub-pixel at a time, in raster order. The
     network is causal, so the logits of row r depend only on rows <= r: it runs on v[:, :, :r+1]."""
     v = v.clone()
-    for r in range(start_row, v.shape[2]):
+    for r in tqdm(range(start_row, v.shape[2]), desc="sampling rows", leave=False, disable=not progress):
         for c in range(v.shape[3]):
             for ch in range(v.shape[1]):  # R, then G given R, then B given R and G
                 logits = model(net_input(v[:, :, :r + 1], binary, model.input.weight.dtype))[:, ch:ch + 1, :, r, c]
-                v[:, ch:ch + 1, r, c] = common.sample_pixel(logits, binary, generator)
+                v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
     return v
 
 
-def to_unit(v, binary):
+def levels_to_unit(v, binary):
     return v.float() if binary else v.float() / 255
 
 
+def eval_pixels(x_uint8, binary):
+    """The test images as the model sees them: one fixed seeded binarization (the same in every run, so test NLLs
+    are comparable), or the 8-bit levels."""
+    return common.fixed_binarization(x_uint8, seed=0) if binary else x_uint8
+
+
 @torch.no_grad()
-def test_nll(model, x_test, binary, batch_size):
-    """Exact NLL over the given test images: binarized data uses the one fixed seeded binarization."""
-    v_all = common.fixed_binarization(x_test, seed=0) if binary else x_test
-    total = sum(nll(model, v_all[i:i + batch_size], binary).sum().item() for i in range(0, len(v_all), batch_size))
-    nats = total / len(v_all)
-    return nats, common.nats_to_bits_per_dim(nats, x_test[0].numel())
+def mean_nll(model, x_uint8, binary, batch_size):
+    """Exact NLL in nats per image, averaged over the given test images."""
+    v_all = eval_pixels(x_uint8, binary)
+    total = sum(nll(model, v_all[i:i + batch_size], binary).sum().item()
+                for i in tqdm(range(0, len(v_all), batch_size), desc="exact NLL", leave=False))
+    return total / len(v_all)
+
+
+def report_nll(cfg, model, x_test, binary):
+    """The exact test NLL as a table and eval.json."""
+    x_test = x_test[:cfg.eval_n] if cfg.eval_n else x_test
+    start = time.time()
+    nats = mean_nll(model.eval(), x_test, binary, 4 * cfg.batch_size)
+    rows = {"exact NLL (nats/image)": nats, "exact NLL (bits/dim)": common.nats_to_bits_per_dim(nats, x_test[0].numel())}
+    title = (f"test NLL on {len(x_test)} images of {cfg.model.dataset} ({'fixed binarization' if binary else '8-bit'}, "
+             f"{time.time() - start:.1f}s)")
+    return common.report(cfg.out, title, rows, images=len(x_test))
 
 
 def receptive_field(model, shape, r, c):
@@ -257,22 +334,7 @@ def receptive_field(model, shape, r, c):
     return x.grad.abs().sum(1)[0]
 
 
-# ----------------------------------------------------------------------------- training and the other modes
-
-def setup(cfg, split):
-    device = common.get_device(cfg.device)
-    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, split, device)
-    binary = is_binary(cfg, x)
-    return device, x, binary, build_model(cfg, x.shape[1], binary).to(device)
-
-
-def save_samples(model, shape, binary, n, path, seed):
-    g = torch.Generator(model.input.weight.device).manual_seed(seed)  # its own generator: training's RNG untouched
-    v = sample(model.eval(), torch.zeros(n, *shape, device=model.input.weight.device), binary, generator=g)
-    model.train()
-    common.save_grid(to_unit(v, binary), path)
-    return v
-
+# ----------------------------------------------------------------------------- training
 
 def learning_rate(cfg, step, minutes):
     """Cosine decay from --lr to 0 over the run, measured in steps, or in minutes when --max-minutes ends the
@@ -283,129 +345,136 @@ def learning_rate(cfg, step, minutes):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def sample_grid(model, shape, binary, n, path, seed):
+    """n samples as a PNG grid, from their own generator: training's random numbers are untouched."""
+    device = model.input.weight.device
+    v = sample(model.eval(), torch.zeros(n, *shape, device=device), binary, torch.Generator(device).manual_seed(seed))
+    model.train()
+    common.save_grid(levels_to_unit(v, binary), path)
+
+
 def train(cfg):
+    device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    out = common.start_run(cfg, "pixelrnn")
-    device, x_train, binary, model = setup(cfg, "train")
-    x_test, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "test", device)
+    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
+    x_test, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
+    binary = model.binary
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = common.data_generator(device, cfg.seed)
-    step = common.load_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, model=model, opt=opt, gen=gen) if cfg.resume else 0
+    data_rng = common.data_generator(device, cfg.seed)
+    out = common.start_run(cfg)
+    step = common.load_checkpoint(out / "ckpt.pt", "pixelrnn", data_rng, model=model, opt=opt) if cfg.resume else 0
+    common.check_resume(cfg, step)
     dims = x_train[0].numel()
-    print(f"pixelrnn ({cfg.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
+    print(f"pixelrnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
           f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {'binarized' if binary else '8-bit'}, {device}")
     forward_model = common.maybe_compile(model, cfg)
-    log = common.Logger(out, cfg.steps, step)
-    save = lambda: common.save_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, step, model=model, opt=opt, gen=gen)
-    start = time.time()
-    try:
-        while step < cfg.steps:
-            minutes = (time.time() - start) / 60
+    start, log, t0 = step, common.Logger(out, cfg.steps, step), time.time()
+    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, step, rng, model=model, opt=opt)
+    with common.CtrlC() as ctrl_c:
+        while step < cfg.steps and not ctrl_c.requested:
+            minutes = (time.time() - t0) / 60
             if cfg.max_minutes and minutes > cfg.max_minutes:  # a wall-clock budget: end as if --steps were reached now
                 cfg.steps = step + 1
+            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step, minutes)
-            batch = common.random_batch(x_train, cfg.batch_size, gen)
-            v = common.binarize(batch, gen) if binary else batch  # a fresh stochastic binarization every step
+            batch = common.random_batch(x_train, cfg.batch_size, data_rng)
+            v = common.binarize(batch, data_rng) if binary else batch  # a fresh stochastic binarization every step
             with common.autocast(device, cfg.precision):
                 nats = nll(forward_model, v, binary).mean()
             loss = nats / dims  # per sub-pixel: the same scale for any image size
-            common.check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            common.check_finite(step, loss=loss, grad_norm=grad_norm)  # before the update is applied
+            if step > start and step % cfg.ckpt_every == 0:
+                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
             opt.step()
             step += 1
             log.count(cfg.batch_size)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, nll_nats=nats.item(), bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims),
-                        grad_norm=grad_norm.item())
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):  # 0: no grids
-                save_samples(model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        print(f"interrupted: checkpoint saved at step {step}")
-        raise SystemExit(130)
-    evaluate(cfg, model.eval(), x_test, binary, out)
+                log.log(step, nll_nats=nats, bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims), grad_norm=grad_norm)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                common.run_safely("the sample grid", lambda: sample_grid(
+                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed))
+    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
+    ctrl_c.exit_if_requested(step)
+    common.run_safely("the test NLL", lambda: report_nll(cfg, model, x_test, binary))
+    model.train()
+    print(f"done: {out}")
 
+
+# ----------------------------------------------------------------------------- the other modes
 
 def load_for_inference(cfg):
-    device, x_test, binary, model = setup(cfg, "test")
-    out = common.out_dir(cfg, "pixelrnn")
-    common.load_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, model=model)
-    common.seed_everything(cfg.seed)  # after loading, which restores the training run's RNG state
-    return x_test, binary, model.eval(), out
+    """(the trained model in eval mode, the test images as uint8, their labels) from the run in --out."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelrnn", model=model)
+    return model.eval(), x_test, y_test
 
 
-def evaluate(cfg, model, x_test, binary, out):
-    x_test = x_test[:cfg.eval_n] if cfg.eval_n else x_test
-    start = time.time()
-    nats, bpd = test_nll(model, x_test, binary, 4 * cfg.batch_size)
-    print(f"test NLL on {len(x_test)} images of {cfg.dataset}: {nats:.2f} nats/image, {bpd:.4f} bits/dim "
-          f"({time.time() - start:.1f}s)")
-    with open(out / "log.jsonl", "a") as f:
-        f.write(f'{{"test_images": {len(x_test)}, "test_nll_nats": {nats:.4f}, "test_bits_per_dim": {bpd:.5f}}}\n')
-    return nats, bpd
+def evaluate(cfg):
+    model, x_test, _ = load_for_inference(cfg)
+    return report_nll(cfg, model, x_test, model.binary)
 
 
 def sample_from_checkpoint(cfg):
-    x_test, binary, model, out = load_for_inference(cfg)
+    model, x_test, _ = load_for_inference(cfg)
     start = time.time()
-    g = torch.Generator(x_test.device).manual_seed(cfg.seed)
-    v = sample(model, torch.zeros(cfg.num_samples, *x_test.shape[1:], device=x_test.device), binary, generator=g)
-    samples = to_unit(v, binary).cpu()
-    common.save_grid(samples[:256], out / "samples.png")
-    torch.save(samples, out / "samples.pt")
-    print(f"{len(samples)} samples in {time.time() - start:.1f}s -> {out}/samples.png, samples.pt")
+    rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
+    v = sample(model, torch.zeros(cfg.num_samples, *x_test.shape[1:], device=x_test.device), model.binary, rng, progress=True)
+    samples = levels_to_unit(v, model.binary).cpu()
+    common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
+    torch.save(samples, Path(cfg.out) / "samples.pt")
+    print(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
 
 
-def complete_from_checkpoint(cfg, n=8, draws=3):
+def complete(cfg, n=8, draws=3):
     """Rows of the grid: originals, the top halves the model is given, then `draws` completions each."""
-    x_test, binary, model, out = load_for_inference(cfg)
-    v = common.fixed_binarization(x_test[:n], seed=0) if binary else x_test[:n].float()
+    model, x_test, _ = load_for_inference(cfg)
+    v = eval_pixels(x_test[:n], model.binary).float()
     H = v.shape[2]
     occluded = v.clone()
-    occluded[:, :, H // 2:] = 0.5 if binary else 127.5  # grey where the model must fill in
-    g = torch.Generator(v.device).manual_seed(cfg.seed)
-    filled = sample(model, v.repeat(draws, 1, 1, 1), binary, start_row=H // 2, generator=g)
-    grid = to_unit(torch.cat([v, occluded, filled]), binary).cpu()
-    common.save_grid(grid, out / "completion.png", nrow=n)
-    torch.save(grid, out / "completion.pt")
-    print(f"completed the bottom half of {n} test images ({draws} draws each) -> {out}/completion.png")
+    occluded[:, :, H // 2:] = 0.5 if model.binary else 127.5  # grey where the model must fill in
+    rng = torch.Generator(v.device).manual_seed(cfg.seed)
+    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, progress=True)
+    grid = levels_to_unit(torch.cat([v, occluded, filled]), model.binary).cpu()
+    common.save_grid(grid, Path(cfg.out) / "completion.png", nrow=len(v))
+    torch.save(grid, Path(cfg.out) / "completion.pt")
+    print(f"completed the bottom half of {len(v)} test images ({draws} draws each) -> {cfg.out}/completion.png")
 
 
 def receptive_field_picture(cfg, size=(1, 28, 28)):
     """Untrained Row LSTM and Diagonal BiLSTM networks of this config; white where the gradient of the red
     output pixel with respect to the input is nonzero. The structure, not the weights, sets the field."""
-    out = common.out_dir(cfg, "pixelrnn")
-    out.mkdir(parents=True, exist_ok=True)
     r, c = size[1] * 2 // 3, size[2] // 2
     panels = []
     for arch in ("row", "diag"):
         torch.manual_seed(cfg.seed)
-        model = build_model(dataclasses.replace(cfg, arch=arch), size[0], True)
+        model = build_model(dataclasses.replace(cfg.model, arch=arch), size)  # bad sizes stop before --out is made
         seen = (receptive_field(model, size, r, c) > 0).float()
         rgb = seen.expand(3, *seen.shape).clone()
         rgb[:, r, c] = torch.tensor([1.0, 0, 0], dtype=rgb.dtype)
         panels.append(rgb)
     zoomed = F.interpolate(torch.stack(panels), scale_factor=6, mode="nearest")  # pixels big enough to count
-    common.save_grid(zoomed, out / "receptive_field.png", nrow=2)
-    print(f"receptive fields of output pixel {(r, c)} (left: Row LSTM, right: Diagonal BiLSTM; {cfg.layers} layers) "
-          f"-> {out}/receptive_field.png")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    common.save_grid(zoomed, Path(cfg.out) / "receptive_field.png", nrow=2)
+    print(f"receptive fields of output pixel {(r, c)} (left: Row LSTM, right: Diagonal BiLSTM; {cfg.model.layers} layers) "
+          f"-> {cfg.out}/receptive_field.png")
 
 
 @common.entry
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_args(ModelConfig, Config, "pixelrnn", argv)
     if cfg.sample:
         sample_from_checkpoint(cfg)
     elif cfg.eval:
-        x_test, binary, model, out = load_for_inference(cfg)
-        evaluate(cfg, model, x_test, binary, out)
+        return evaluate(cfg)
     elif cfg.complete:
-        complete_from_checkpoint(cfg)
+        complete(cfg)
     elif cfg.receptive_field:
         receptive_field_picture(cfg)
     else:

@@ -155,11 +155,11 @@ class VAE(nn.Module):
 
 def build_model(mcfg, shape):
     """The VAE for images of `shape` (C, H, W). Its likelihood follows the project's rule for binarized data,
-    common.is_binary (asked here of an empty batch of this shape): 1 channel -> Bernoulli, 3 -> 8-bit."""
+    common.is_binary: 1 channel -> Bernoulli, 3 -> 8-bit."""
     c, h, w = shape
     if mcfg.arch == "conv" and (h % 4 or w % 4):
         raise common.UsageError(f"--arch conv needs height and width divisible by 4, not {h}x{w}; use --arch mlp")
-    return VAE(mcfg, shape, binary=common.is_binary(torch.empty(0, c, h, w, dtype=torch.uint8)))
+    return VAE(mcfg, shape, binary=common.is_binary(c))
 
 
 # ----------------------------------------------------------------------------- the loss: negative ELBO

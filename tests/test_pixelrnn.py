@@ -4,11 +4,14 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import pixelcnn
 import pixelrnn as P
+from conftest import same_weights, sigint_at
 
 
 def raster(t):
@@ -155,7 +158,7 @@ def test_probabilities_of_all_1x2_8bit_images_sum_to_one():
 
 # ----------------------------------------------------------------------------- the CLI
 
-TINY = ["--hidden", "3", "--layers", "1", "--head", "6", "--batch-size", "8", "--log-every", "2",
+TINY = ["--hidden", "3", "--layers", "1", "--head", "6", "--batch-size", "8", "--log-every", "1",
         "--ckpt-every", "2", "--num-samples", "2", "--device", "cpu"]
 
 
@@ -163,18 +166,23 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def read_eval(out):
+    return json.loads((out / "eval.json").read_text())
+
+
 def test_smoke_resume_eval_on_binarized_mnist(data_dir, tmp_path):
     """28x28 sampling costs 784 network passes, too slow for a test: no grids here (the colour test samples)."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--sample-every", "0", *TINY]
+    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--sample-every", "1000", *TINY]
     P.main(args + ["--steps", "2"])
-    for name in ("config.json", "log.jsonl", "ckpt.pt"):
+    for name in ("config.json", "log.jsonl", "ckpt.pt", "eval.json"):
         assert (out / name).exists()
     P.main(args + ["--steps", "4", "--resume"])
-    P.main(args + ["--eval"])
-    log = read_log(out)
-    assert [e["step"] for e in log if "step" in e] == [2, 4] and all(math.isfinite(e["nll_nats"]) for e in log if "step" in e)
-    assert log[-1]["test_images"] == 64 and math.isfinite(log[-1]["test_nll_nats"])
+    result = P.main(["--data-dir", str(data_dir), "--out", str(out), "--eval"])  # no model flag: the checkpoint has them
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4] and all(math.isfinite(e["nll_nats"]) for e in read_log(out))
+    assert result == read_eval(out) and result["images"] == 64 and math.isfinite(result["exact NLL (nats/image)"])
+    nats, bits = result["exact NLL (nats/image)"], result["exact NLL (bits/dim)"]
+    assert bits == pytest.approx(nats / (784 * math.log(2)))
 
 
 def test_colour_folder_trains_samples_and_completes(tmp_path):
@@ -184,16 +192,68 @@ def test_colour_folder_trains_samples_and_completes(tmp_path):
     for i in range(40):
         Image.new("RGB", (4, 4), (i * 6, 255 - i * 6, 7 * i)).save(folder / f"{i:02d}.png")
     out = tmp_path / "run"
-    args = ["--dataset", str(folder), "--out", str(out), "--sample-every", "1000", *TINY]
-    P.main(args + ["--steps", "2"])
-    assert (out / "samples_2.png").exists() and read_log(out)[-1]["test_bits_per_dim"] > 0
-    P.main(args + ["--sample"])
+    P.main(["--dataset", str(folder), "--out", str(out), "--sample-every", "1000", *TINY, "--steps", "2"])
+    assert (out / "samples_2.png").exists() and read_eval(out)["exact NLL (bits/dim)"] > 0
+    P.main(["--out", str(out), "--sample", "--num-samples", "2"])
     s = torch.load(out / "samples.pt")
     assert s.shape == (2, 3, 4, 4) and torch.equal(s * 255, (s * 255).round()) and 0 <= s.min() and s.max() <= 1
-    P.main(args + ["--complete"])
+    P.main(["--out", str(out), "--complete"])
     grid = torch.load(out / "completion.pt")  # 4 test images: originals, occluded, 3 x 4 completions
     assert grid.shape == (20, 3, 4, 4) and (out / "completion.png").exists()
     assert torch.equal(grid[8:, :, :2], grid[:4, :, :2].repeat(3, 1, 1, 1))  # the top half is kept
+
+
+def test_a_grey_folder_is_binarized_like_mnist(tmp_path):
+    """The one rule for binarized data: 1-channel images get a Bernoulli output, whatever the dataset is called."""
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (4, 4), i * 12).save(folder / f"{i:02d}.png")
+    P.main(["--dataset", str(folder), "--out", str(tmp_path / "run"), "--sample-every", "1000", *TINY, "--steps", "1"])
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert state["output.3.weight"].shape[0] == 1  # one logit per pixel, not 256
+
+
+def test_ctrl_c_then_resume_is_exactly_the_one_go_run(data_dir, tmp_path, monkeypatch):
+    args = ["--data-dir", str(data_dir), "--arch", "diag", "--sample-every", "1000", *TINY, "--steps", "5"]
+    P.main(args + ["--out", str(tmp_path / "a")])
+    sigint_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        P.main(args + ["--out", str(tmp_path / "b")])
+    assert e.value.code == 130 and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    P.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt", "model")
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5]
+
+
+def test_a_nan_stops_before_the_step_and_the_checkpoint_stays_finite(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--sample-every", "1000", *TINY,
+            "--ckpt-every", "1", "--steps", "5"]
+    nll, calls = P.nll, []
+
+    def nan_on_the_4th_call(model, v, binary):
+        calls.append(1)
+        return nll(model, v, binary) * (float("nan") if len(calls) == 4 else 1)
+    monkeypatch.setattr(P, "nll", nan_on_the_4th_call)
+    with pytest.raises(SystemExit) as e:
+        P.main(args)
+    assert e.value.code == 2 and "the loss became nan at step 4" in capsys.readouterr().err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.undo()
+    P.main(args + ["--resume"])
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7, (1, 3), (3, 1)])
+@pytest.mark.parametrize("mask", ["A", "B"])
+@pytest.mark.parametrize("colors", [1, 3])
+def test_the_masked_convolution_is_pixelcnns_own(kernel, mask, colors):
+    """pixelrnn.py keeps its own copy of MaskedConv2d, so that it stands alone; this keeps the copies identical."""
+    ours, theirs = (m.MaskedConv2d(2 * colors, 3 * colors, kernel, mask, colors) for m in (P, pixelcnn))
+    assert torch.equal(ours.mask, theirs.mask)
 
 
 def test_sampler_draws_from_the_model(tmp_path):
@@ -203,7 +263,7 @@ def test_sampler_draws_from_the_model(tmp_path):
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4))).view(16, 1, 2, 2)
     p = torch.exp(-P.nll(model, images, True)).detach()
     n = 20000
-    v = P.sample(model, torch.zeros(n, 1, 2, 2), True, generator=torch.Generator().manual_seed(0))
+    v = P.sample(model, torch.zeros(n, 1, 2, 2), True, torch.Generator().manual_seed(0))
     counts = torch.bincount((v.view(n, 4) * torch.tensor([8.0, 4, 2, 1])).sum(1).long(), minlength=16)
     assert (counts / n - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
 
@@ -213,34 +273,28 @@ def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
     out = tmp_path / "toy"
     P.main(["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--hidden", "8", "--layers", "1",
             "--head", "16", "--batch-size", "16", "--lr", "1e-2", "--steps", "20", "--log-every", "10",
-            "--sample-every", "0", "--ckpt-every", "1000", "--num-samples", "1", "--device", "cpu"])
-    assert read_log(out)[-1]["test_nll_nats"] < 0.5 * 784 * math.log(2)
+            "--sample-every", "1000", "--ckpt-every", "1000", "--num-samples", "1", "--device", "cpu"])
+    assert read_eval(out)["exact NLL (nats/image)"] < 0.5 * 784 * math.log(2)
 
 
-def test_receptive_field_picture(tmp_path):
-    P.main(["--receptive-field", "--out", str(tmp_path), "--hidden", "3", "--layers", "1", "--head", "6"])
-    assert Image.open(tmp_path / "receptive_field.png").size[0] > 2 * 28
-
-
-def test_bad_input_exits_2_with_one_line(data_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", *TINY, "--steps", "2", "--sample-every", "0"]
-    cases = [["--dataset", "nope"],  # unknown dataset
-             ["--dataset", "cifar10", "--hidden", "4"],  # colour needs R, G, B groups
-             ["--sample"],  # no checkpoint yet
-             None,  # (train once, then:)
-             [],  # a second run into the same folder without --resume
-             ["--resume", "--arch", "diag"],  # a checkpoint of another config
-             ]
-    for extra in cases:
-        if extra is None:
-            P.main(args)
-            continue
-        with pytest.raises(SystemExit) as e:
-            P.main(args + extra)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1
+def test_receptive_field_picture_shows_the_two_fields(tmp_path):
+    """The PNG's two panels: the Diagonal BiLSTM sees exactly the earlier pixels; the Row LSTM sees some of them only
+    (its triangle), and both panels are the gradients that receptive_field() computes."""
+    P.main(["--receptive-field", "--out", str(tmp_path), "--hidden", "3", "--layers", "2", "--head", "6"])
+    img = np.asarray(Image.open(tmp_path / "receptive_field.png").convert("RGB")).astype(int)
+    r, c, zoom, side = 28 * 2 // 3, 14, 6, 28 * 6
+    earlier = (torch.arange(28 * 28) < r * 28 + c).view(28, 28)
+    for k, arch in enumerate(["row", "diag"]):
+        panel = img[1:1 + side, 1 + k * (side + 1):1 + k * (side + 1) + side]
+        centres = torch.from_numpy(panel[zoom // 2::zoom, zoom // 2::zoom])  # one value per image pixel
+        seen = (centres[..., 1] > 127)  # white (seen) or black (not); the output pixel is red, its green is 0
+        assert tuple(centres[r, c]) == (255, 0, 0)
+        torch.manual_seed(0)
+        field = P.receptive_field(P.build_model(P.ModelConfig(arch=arch, hidden=3, layers=2, head=6), (1, 28, 28)),
+                                  (1, 28, 28), r, c) > 0
+        assert torch.equal(seen, field)
+        assert not (seen & ~earlier).any()  # never the future
+        assert (seen == earlier).all() if arch == "diag" else (earlier & ~seen).sum() > 50
 
 
 def test_learning_rate_is_a_cosine_over_steps_or_minutes():

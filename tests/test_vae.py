@@ -73,7 +73,7 @@ def test_the_likelihood_follows_the_common_rule_for_binarized_data(data_dir):
     for dataset, shape, channels_out in (("mnist", (1, 28, 28), 1), ("cifar10", (3, 32, 32), 6)):
         x, _ = common.load_dataset(dataset, data_dir, "test")
         model = vae.build_model(vae.ModelConfig(arch="mlp", hidden=8, z_dim=2), tuple(x.shape[1:]))
-        assert tuple(x.shape[1:]) == shape and model.binary == common.is_binary(x) == (dataset == "mnist")
+        assert tuple(x.shape[1:]) == shape and model.binary == common.is_binary(x.shape[1]) == (dataset == "mnist")
         assert model.decoder(torch.zeros(1, 2)).shape == (1, channels_out, *shape[1:])  # a logit, or (mean, log s)
         seen = vae.eval_images(model, x)
         assert set(seen.unique().tolist()) <= {0.0, 1.0} if model.binary else (seen.min() >= -1 and seen.max() <= 1)
