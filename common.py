@@ -467,7 +467,7 @@ class Logger:
         img_s = self.images / max(now - self.last_time, 1e-9)
         steps_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.total - step) / max(steps_s, 1e-9)
-        figures = {k: float(v) for k, v in figures.items()}
+        figures = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in figures.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(step=step, img_per_s=round(img_s, 1), **figures)) + "\n")
         figs = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())

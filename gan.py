@@ -1,4 +1,4 @@
-"""GAN: a generator and a discriminator trained against each other (Goodfellow et al. 2014), here as a DCGAN.
+r"""GAN: a generator and a discriminator trained against each other (Goodfellow et al. 2014), here as a DCGAN.
 
 The generator G maps noise z ~ N(0, I) to an image and never sees a density: it learns only through the
 discriminator D, which outputs the probability that its input is a real image rather than one of G's. The
@@ -13,16 +13,18 @@ Deep Convolutional Generative Adversarial Networks"): transposed convolutions, B
 strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
 
     python gan.py                                     # the default DCGAN on MNIST, sized for one GPU
-    python gan.py --device cpu --g-channels 32 --d-channels 32 --batch-size 64 --steps 12000 \\
+    python gan.py --device cpu --g-channels 32 --d-channels 32 --batch-size 64 --steps 12000 \
         --sample-every 2000 --out runs/gan-cpu        # the quick CPU run of README (7.6 min on 2 cores)
-    python gan.py --out runs/gan-cpu --g-channels 32 --d-channels 32 --sample --num-samples 10000
+    python gan.py --out runs/gan-cpu --sample --num-samples 10000
                                                       # samples.pt, latent interpolation, latent arithmetic
-    python gan.py --g-loss minimax                    # the saturating loss of the minimax game, to compare
+    python gan.py --out runs/gan-cpu --eval           # V(D, G) and D's verdicts on the test set
+    python gan.py --g-loss minimax --out runs/gan-minimax   # the saturating loss of the minimax game, to compare
     python benchmarks/bench_gan.py quality runs/gan-cpu/samples.pt   # class histogram and Frechet distance
 """
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,21 +34,25 @@ import common
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
-    steps: int = common.opt(20000, "generator updates (each after --d-steps discriminator updates)", runtime=True)
-    sample_every: int = common.opt(1000, "steps between grids of the fixed noise batch", runtime=True)
-    ckpt_every: int = common.opt(1000, "steps between checkpoints", runtime=True)
-    lr: float = common.opt(2e-4, "Adam learning rate of G and D (Radford et al.)", runtime=True)
-    beta1: float = common.opt(0.5, "Adam beta1 (0.5, not 0.9: momentum makes the game oscillate)", runtime=True)
-    beta2: float = common.opt(0.999, "Adam beta2", runtime=True)
-    z_dim: int = common.opt(100, "size of the noise z")
-    g_channels: int = common.opt(64, "generator width (ngf): its layers have 4x, 2x this many channels")
-    d_channels: int = common.opt(64, "discriminator width (ndf): its layers have 1x, 2x this many channels")
-    d_steps: int = common.opt(1, "k: discriminator updates per generator update (Algorithm 1)")
+class ModelConfig(common.ModelConfig):
+    z_dim: int = common.opt(100, "size of the noise z", "[1, inf)")
+    g_channels: int = common.opt(64, "generator width (ngf): its layers have 4x, 2x this many channels", "[1, inf)")
+    d_channels: int = common.opt(64, "discriminator width (ndf): its layers have 1x, 2x this many channels", "[1, inf)")
+
+
+@dataclasses.dataclass
+class Config(common.RunConfig):
+    steps: int = common.opt(20000, "generator updates (each after --d-steps discriminator updates)", "[1, inf)")
+    sample_every: int = common.opt(1000, "steps between grids of the fixed noise batch", "[1, inf)")
+    ckpt_every: int = common.opt(1000, "steps between checkpoints", "[1, inf)")
+    lr: float = common.opt(2e-4, "Adam learning rate of G and D (Radford et al.)", "(0, inf)")
+    beta1: float = common.opt(0.5, "Adam beta1 (0.5, not 0.9: momentum makes the game oscillate)", "[0, 1)")
+    beta2: float = common.opt(0.999, "Adam beta2", "[0, 1)")
+    d_steps: int = common.opt(1, "k: discriminator updates per generator update (Algorithm 1)", "[1, inf)")
     g_loss: str = common.opt("non-saturating", "generator loss: -log D(G(z)), or the minimax log(1 - D(G(z)))",
                              choices=["non-saturating", "minimax"])
-    ema: bool = common.opt(False, "draw pictures and --sample from the EMA of G's weights (always tracked)", runtime=True)
-    ema_decay: float = common.opt(0.999, "decay of the EMA of G's weights", runtime=True)
+    ema: bool = common.opt(False, "draw pictures and --sample from the EMA of G's weights (always tracked)")
+    ema_decay: float = common.opt(0.999, "decay of the EMA of G's weights", "[0, 1]")
 
 
 # ----------------------------------------------------------------------------- the two networks
@@ -102,13 +108,14 @@ class Discriminator(nn.Module):
         return self.net(x).flatten()  # B
 
 
-def build_models(cfg, img_channels, size):
-    h, w = size
+def build_models(mcfg, shape):
+    """(G, D) for images of `shape` (C, H, W)."""
+    c, h, w = shape
     if h % 4 or w % 4 or min(h, w) < 8:
         raise common.UsageError(f"{h}x{w} images: the DCGAN halves each side twice, so use sides that are multiples of 4 "
                                 f"(28x28 MNIST, 32x32 CIFAR-10); resize the images first")
-    return (Generator(cfg.z_dim, cfg.g_channels, img_channels, size),
-            Discriminator(cfg.d_channels, img_channels, size))
+    return (Generator(mcfg.z_dim, mcfg.g_channels, c, (h, w)),
+            Discriminator(mcfg.d_channels, c, (h, w)))
 
 
 # ----------------------------------------------------------------------------- the losses, from logits
@@ -139,12 +146,12 @@ def d_step(G, D, opt_d, x_real, z, step=0, amp=contextlib.nullcontext):
     with amp():  # real and fake in separate passes, so each BatchNorm batch is all real or all fake (DCGAN)
         real_logit, fake_logit = D(x_real).float(), D(fake).float()
     loss = d_loss(real_logit, fake_logit)
-    common.check_finite(loss, step)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
+    common.check_finite(step, d_loss=loss)  # before the update: D never takes a non-finite step
     opt_d.step()
-    return dict(d_loss=loss.item(), D_x=torch.sigmoid(real_logit).mean().item(),
-                D_G_z=torch.sigmoid(fake_logit).mean().item())
+    return dict(d_loss=loss.detach(), D_x=torch.sigmoid(real_logit).mean().detach(),
+                D_G_z=torch.sigmoid(fake_logit).mean().detach())
 
 
 def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
@@ -154,30 +161,25 @@ def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
         with amp():
             fake_logit = D(G(z)).float()
         loss = g_loss(fake_logit, kind)
-        common.check_finite(loss, step)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
     finally:
         D.requires_grad_(True)
+    common.check_finite(step, g_loss=loss)
     opt_g.step()
-    return dict(g_loss=loss.item())
+    return dict(g_loss=loss.detach())
 
 
-def train_iteration(G, D, opt_g, opt_d, real_batch, cfg, step=0, amp=contextlib.nullcontext):
-    """Algorithm 1 of Goodfellow et al.: k times (fresh x and z each time) update D; then fresh z, update G."""
-    device = next(G.parameters()).device
-    noise = lambda: torch.randn(cfg.batch_size, cfg.z_dim, device=device)  # z ~ p(z) = N(0, I)
+def train_iteration(G, D, opt_g, opt_d, real_batch, noise, cfg, step=0, amp=contextlib.nullcontext):
+    """Algorithm 1 of Goodfellow et al.: k times (fresh x and z each time) update D; then fresh z, update G.
+    `real_batch()` draws x from the data, `noise()` draws z ~ p(z)."""
     for _ in range(cfg.d_steps):
         figures = d_step(G, D, opt_d, real_batch(), noise(), step, amp)
     figures.update(g_step(G, D, opt_g, noise(), cfg.g_loss, step, amp))
     return figures
 
 
-# ----------------------------------------------------------------------------- pictures
-
-def to_unit(x):
-    return (x + 1) / 2
-
+# ----------------------------------------------------------------------------- the sampler: x = G(z), z ~ N(0, I)
 
 @torch.no_grad()
 def generate(G, z, batch=500):
@@ -185,7 +187,7 @@ def generate(G, z, batch=500):
     others in its batch), in chunks of `batch`."""
     was_training = G.training
     G.eval()
-    x = torch.cat([to_unit(G(z[i:i + batch])).float() for i in range(0, len(z), batch)])
+    x = torch.cat([common.signed_to_unit(G(z[i:i + batch])).float() for i in range(0, len(z), batch)])
     G.train(was_training)
     return x
 
@@ -194,6 +196,104 @@ def fixed_noise(n, z_dim, seed, device):
     """The same z for every grid of a run (and for --sample), from its own generator: training's RNG is untouched."""
     return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
+
+# ----------------------------------------------------------------------------- evaluation: the game's value on test images
+
+@torch.no_grad()
+def game_value(G, D, x_test, batch_size, seed):
+    """V(D, G) = E log D(x) + E log(1 - D(G(z))) on the test images and as many fakes, with the means of D(x) and
+    D(G(z)) and both generator losses. The networks run as in training (BatchNorm on batches all real or all fake,
+    with their own statistics), so the figures compare with log.jsonl's; z comes from a generator seeded by `seed`."""
+    rng = torch.Generator().manual_seed(seed)
+    log_d_real, log_1m_d_fake, log_d_fake, d_real, d_fake = [], [], [], [], []
+    for i in range(0, len(x_test), batch_size):
+        x = common.uint8_to_signed(x_test[i:i + batch_size])
+        z = torch.randn(len(x), G.z_dim, generator=rng).to(x.device)
+        real_logit, fake_logit = D(x).float(), D(G(z)).float()
+        log_d_real.append(F.logsigmoid(real_logit))  # log D(x)
+        log_1m_d_fake.append(F.logsigmoid(-fake_logit))  # log(1 - D(G(z)))
+        log_d_fake.append(F.logsigmoid(fake_logit))  # log D(G(z))
+        d_real.append(torch.sigmoid(real_logit))
+        d_fake.append(torch.sigmoid(fake_logit))
+    mean = lambda parts: torch.cat(parts).mean().item()
+    return {"V(D, G) = E log D(x) + E log(1 - D(G(z)))  (-log 4 at the optimum)": mean(log_d_real) + mean(log_1m_d_fake),
+            "mean D(x) on test images  (1/2 at the optimum)": mean(d_real),
+            "mean D(G(z))  (1/2 at the optimum)": mean(d_fake),
+            "G loss, non-saturating: -E log D(G(z))": -mean(log_d_fake),
+            "G loss, minimax: E log(1 - D(G(z)))": mean(log_1m_d_fake)}
+
+
+def load_networks(cfg, *keys):
+    """The test split (uint8, labels) and the networks stored under `keys` ("G", "D", "ema") in the run in --out."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    shape = tuple(x_test.shape[1:])
+    nets = {k: build_models(cfg.model, shape)[k == "D"].to(device) for k in keys}  # "ema" is a G with other weights
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "gan", **nets)
+    return x_test, y_test, nets
+
+
+def load_for_inference(cfg):
+    """(the generator that samples: G, or the EMA of its weights with --ema; the test images as uint8; their labels)
+    from the run in --out."""
+    key = "ema" if cfg.ema else "G"
+    x_test, y_test, nets = load_networks(cfg, key)
+    return nets[key].eval(), x_test, y_test
+
+
+def evaluate(cfg):
+    """The game's value and D's verdicts on the test set (a GAN has no likelihood to report)."""
+    x_test, _, nets = load_networks(cfg, "G", "D")
+    rows = game_value(nets["G"], nets["D"], x_test, cfg.batch_size, cfg.seed)
+    return common.report(cfg.out, f"{len(x_test)} test images of {cfg.model.dataset} and as many samples of G",
+                         rows, n=len(x_test))
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    device = common.get_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)  # stays uint8
+    G, D = (m.to(device) for m in build_models(cfg.model, tuple(x_train.shape[1:])))  # bad sizes stop here
+    ema = common.make_ema(G)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    data_rng = common.data_generator(device, cfg.seed)
+    out = common.start_run(cfg)
+    nets = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema)
+    step = common.load_checkpoint(out / "ckpt.pt", "gan", data_rng, **nets) if cfg.resume else 0
+    common.check_resume(cfg, step)
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+    print(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
+          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss")
+    G_fwd, D_fwd = common.maybe_compile(G, cfg), common.maybe_compile(D, cfg)
+    real_batch = lambda: common.uint8_to_signed(common.random_batch(x_train, cfg.batch_size, data_rng))
+    noise = lambda: torch.randn(cfg.batch_size, cfg.model.z_dim, device=device)  # torch's generator: --resume restores it
+    amp = lambda: common.autocast(device, cfg.precision)
+    z_fixed = fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)
+    start, log = step, common.Logger(out, cfg.steps, step)
+    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "gan", cfg, step, rng, **nets)
+    with common.CtrlC() as ctrl_c:
+        while step < cfg.steps and not ctrl_c.requested:
+            rng = common.rng_state(data_rng)  # where this iteration starts: its checkpoint resumes here
+            if step > start and step % cfg.ckpt_every == 0:
+                save(rng)  # the weights of `step`, before this iteration's k + 1 updates
+            figures = train_iteration(G_fwd, D_fwd, opt_g, opt_d, real_batch, noise, cfg, step, amp)
+            common.ema_update(ema, G, cfg.ema_decay, step)
+            step += 1
+            log.count(cfg.batch_size)  # real images per step; each also costs k D passes on fakes and 1 G pass
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.log(step, **figures)
+            if step % cfg.sample_every == 0 or step == cfg.steps:  # the same z in every grid of the run
+                common.run_safely("the sample grid", lambda: common.save_grid(
+                    generate(ema if cfg.ema else G, z_fixed), out / f"samples_{step}.png"))
+    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
+    ctrl_c.exit_if_requested(step)
+    print(f"done: {out}; --sample draws samples and the latent pictures")
+
+
+# ----------------------------------------------------------------------------- the other modes: samples and latent pictures
 
 def interpolation(G, z, rows=8, cols=10):
     """Each row walks in a straight line from one z to another, z_t = (1 - t) z_a + t z_b (Radford et al. Fig. 4):
@@ -224,88 +324,34 @@ def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5)):
     return x, ink(x).view(len(z_base), len(alphas)).mean(0)
 
 
-def save_pictures(G, cfg, device, out):
-    """The latent-space pictures, from z's seeded by --seed: interpolation.png and arithmetic.png."""
-    z = fixed_noise(1024, cfg.z_dim, cfg.seed + 1, device)
+def sample_from_checkpoint(cfg):
+    """samples.png (the first 256) and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed, then
+    interpolation.png and arithmetic.png from z's seeded by --seed + 1."""
+    G, _, _ = load_for_inference(cfg)
+    out, device = Path(cfg.out), next(G.parameters()).device
+    start = time.time()
+    samples = generate(G, fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)).cpu()
+    seconds = time.time() - start
+    common.save_grid(samples[:256], out / "samples.png")
+    torch.save(samples, out / "samples.pt")
+    z = fixed_noise(1024, cfg.model.z_dim, cfg.seed + 1, device)
     common.save_grid(interpolation(G, z), out / "interpolation.png", nrow=10)
     direction = ink_direction(G, z[16:])  # found on other samples than the rows it is applied to
     grid, col_ink = arithmetic(G, z[:8], direction)
     common.save_grid(grid, out / "arithmetic.png", nrow=len(col_ink))
     print("latent arithmetic, z + a (z_thick - z_thin): mean ink per column a = -1.5 .. 1.5: "
           + " ".join(f"{v:.3f}" for v in col_ink.tolist()))
-
-
-# ----------------------------------------------------------------------------- training and sampling
-
-def setup(cfg, device):
-    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "train", device)
-    G, D = build_models(cfg, x.shape[1], tuple(x.shape[2:]))
-    return x, G.to(device), D.to(device)
-
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    out = common.start_run(cfg, "gan")
-    x_train, G, D = setup(cfg, device)  # x_train stays uint8; batches become [-1, 1] as they are drawn
-    ema = common.make_ema(G)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    gen = common.data_generator(device, cfg.seed)
-    state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema, gen=gen)
-    step = common.load_checkpoint(out / "ckpt.pt", "gan", cfg, **state) if cfg.resume else 0
-    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-    print(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
-          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss")
-    G_fwd, D_fwd = common.maybe_compile(G, cfg), common.maybe_compile(D, cfg)
-    real_batch = lambda: common.to_signed(common.random_batch(x_train, cfg.batch_size, gen))
-    amp = lambda: common.autocast(device, cfg.precision)
-    z_fixed = fixed_noise(cfg.num_samples, cfg.z_dim, cfg.seed, device)
-    log = common.Logger(out, cfg.steps, step)
-    save = lambda: common.save_checkpoint(out / "ckpt.pt", "gan", cfg, step, **state)
-    try:
-        while step < cfg.steps:
-            figures = train_iteration(G_fwd, D_fwd, opt_g, opt_d, real_batch, cfg, step, amp)
-            common.ema_update(ema, G, cfg.ema_decay, step)
-            step += 1
-            log.count(cfg.batch_size)  # real images per step; each also costs k D passes on fakes and 1 G pass
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, **figures)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                common.save_grid(generate(ema if cfg.ema else G, z_fixed), out / f"samples_{step}.png")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        print(f"interrupted: checkpoint saved at step {step}")
-        raise SystemExit(130)
-    save_pictures(ema if cfg.ema else G, cfg, device, out)
-    print(f"done: {out}")
-
-
-def sample_from_checkpoint(cfg):
-    """samples.png and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed, then the latent pictures."""
-    device = common.get_device(cfg.device)
-    x, _ = common.load_dataset(cfg.dataset, cfg.data_dir, "test", device)
-    G, _ = build_models(cfg, x.shape[1], tuple(x.shape[2:]))
-    G, ema, out = G.to(device), common.make_ema(G.to(device)), common.out_dir(cfg, "gan")
-    common.load_checkpoint(out / "ckpt.pt", "gan", cfg, G=G, ema=ema)
-    G = ema if cfg.ema else G
-    start = time.time()
-    samples = generate(G, fixed_noise(cfg.num_samples, cfg.z_dim, cfg.seed, device)).cpu()
-    common.save_grid(samples[:256], out / "samples.png")
-    torch.save(samples, out / "samples.pt")
-    print(f"{len(samples)} samples in {time.time() - start:.1f}s -> {out}/samples.png, samples.pt")
-    save_pictures(G, cfg, device, out)
+    print(f"{len(samples)} samples in {seconds:.2f}s; wrote samples.png, samples.pt {tuple(samples.shape)}, "
+          f"interpolation.png, arithmetic.png in {out}")
 
 
 @common.entry
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
-    if cfg.d_steps < 1:
-        raise common.UsageError(f"--d-steps {cfg.d_steps}: the discriminator needs at least 1 update per generator update")
+    cfg = common.parse_args(ModelConfig, Config, "gan", argv)
     if cfg.sample:
         sample_from_checkpoint(cfg)
+    elif cfg.eval:
+        return evaluate(cfg)
     else:
         train(cfg)
 

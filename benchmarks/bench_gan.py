@@ -44,16 +44,17 @@ def training_speed(device, steps, batch_size, g_channels, d_channels):
         x, _ = common.load_dataset("mnist", ROOT / "data", "train", device)
     except common.UsageError:  # no MNIST here: random digits have the same shape and cost
         x = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8, device=device)
-    cfg = gan.Config(batch_size=batch_size, g_channels=g_channels, d_channels=d_channels)
-    G, D = (m.to(device) for m in gan.build_models(cfg, 1, (28, 28)))
+    cfg, mcfg = gan.Config(batch_size=batch_size), gan.ModelConfig(g_channels=g_channels, d_channels=d_channels)
+    G, D = (m.to(device) for m in gan.build_models(mcfg, (1, 28, 28)))
     ema = common.make_ema(G)
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G, D))
-    gen = common.data_generator(device, 0)
-    real = lambda: common.to_signed(common.random_batch(x, batch_size, gen))
+    data_rng = common.data_generator(device, 0)
+    real = lambda: common.uint8_to_signed(common.random_batch(x, batch_size, data_rng))
+    noise = lambda: torch.randn(batch_size, mcfg.z_dim, device=device)
     amp = lambda: common.autocast(device, "auto")  # the scripts' default: bf16 on CUDA, fp32 on the CPU
 
     def step(i):
-        gan.train_iteration(G, D, opt_g, opt_d, real, cfg, i, amp)
+        gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg, i, amp)
         common.ema_update(ema, G, 0.999, i)
     for i in range(5):  # warm-up: allocator, kernels
         step(i)
@@ -128,9 +129,9 @@ def train_classifier(path, device, epochs=2):
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        gen = common.data_generator(device, 0)
+        data_rng = common.data_generator(device, 0)
         for _ in range(epochs * len(x) // 128):
-            xb, yb = common.random_batch(x, 128, gen, y)
+            xb, yb = common.random_batch(x, 128, data_rng, y)
             loss = F.cross_entropy(model(xb.float() / 255), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -53,7 +53,7 @@ def pixelcnn_like(n_target, device):
     best = None
     for layers in (1, 2, 3, 4):
         for ch in range(8, 257, 4):
-            model = pixelcnn.build_model(pixelcnn.Config(channels=ch, layers=layers), 1)
+            model = pixelcnn.build_model(pixelcnn.ModelConfig(channels=ch, layers=layers), (1, 28, 28))
             if best is None or abs(params(model) - n_target) < abs(params(best[0]) - n_target):
                 best = (model, f"pixelcnn plain, {layers} block(s), {ch} channels")
     return best[0].to(device), best[1]
@@ -102,13 +102,15 @@ def main():
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for arch in ("row", "diag"):
-        model = pixelrnn.PixelRNN(arch, 1, True, args.hidden, args.layers, args.head).to(device)
+        mcfg = pixelrnn.ModelConfig(arch=arch, hidden=args.hidden, layers=args.layers, head=args.head)
+        model = pixelrnn.build_model(mcfg, (1, 28, 28)).to(device)
         rows.append(measure(f"pixelrnn {arch}, {args.layers} layer(s), h={args.hidden}", model, lambda m, v: pixelrnn.nll(m, v, True),
-                            lambda m, v: pixelrnn.sample(m, v, True), x, args, device))
+                            lambda m, v: pixelrnn.sample(m, v, True, torch.Generator(device).manual_seed(0)), x, args, device))
         print(json.dumps(rows[-1]), flush=True)
     if pixelcnn is not None:
         model, name = pixelcnn_like(rows[-1]["params"], device)
-        rows.append(measure(name, model, pixelcnn.nll, lambda m, v: pixelcnn.sample(m, v), x, args, device))
+        rows.append(measure(name, model, pixelcnn.nll, lambda m, v: pixelcnn.sample(m, v, None, torch.Generator(device).manual_seed(0)),
+                            x, args, device))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| model | parameters | train img/s (batch {args.batch_size}) | NLL eval img/s | "
           f"sampling {args.sample_n} images (s) |\n|---|---|---|---|---|")

@@ -10,9 +10,28 @@ import torch.nn as nn
 
 import common
 import gan
+from conftest import same_weights, sigint_at
 
-TINY = ["--g-channels", "4", "--d-channels", "4", "--z-dim", "8", "--batch-size", "8", "--num-samples", "4",
-        "--log-every", "1", "--device", "cpu"]
+MODEL = ["--g-channels", "4", "--d-channels", "4", "--z-dim", "8"]
+RUN = ["--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
+
+
+def run(data_dir, out, *args, model=MODEL):
+    """Train (or --resume) a tiny run: the model flags, then the run flags, then `args` (later flags win)."""
+    return gan.main(["--data-dir", str(data_dir), "--out", str(out), *model, *RUN, *args])
+
+
+def mode(data_dir, out, *args):
+    """--sample / --eval: no model flag, the checkpoint has them."""
+    return gan.main(["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", *args])
+
+
+def ckpt(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def logged(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def logit(p):
@@ -62,7 +81,7 @@ def test_saturating_loss_is_flat_where_D_rejects_fakes_and_non_saturating_is_ste
 
 @pytest.mark.parametrize("size,channels", [((28, 28), 1), ((32, 32), 3), ((32, 32), 1), ((28, 28), 3)])
 def test_shapes_and_ranges(size, channels):
-    G, D = gan.build_models(gan.Config(z_dim=10, g_channels=4, d_channels=4), channels, size)
+    G, D = gan.build_models(gan.ModelConfig(z_dim=10, g_channels=4, d_channels=4), (channels, *size))
     x = G(torch.randn(5, 10))
     assert x.shape == (5, channels, *size) and x.min() >= -1 and x.max() <= 1
     assert D(x).shape == (5,)
@@ -70,11 +89,11 @@ def test_shapes_and_ranges(size, channels):
 
 def test_sizes_the_model_cannot_take_are_refused():
     with pytest.raises(common.UsageError, match="multiples of 4"):
-        gan.build_models(gan.Config(), 1, (30, 30))
+        gan.build_models(gan.ModelConfig(), (1, 30, 30))
 
 
 def test_dcgan_init():
-    G, D = gan.build_models(gan.Config(g_channels=32, d_channels=32), 1, (28, 28))
+    G, D = gan.build_models(gan.ModelConfig(g_channels=32, d_channels=32), (1, 28, 28))
     w = torch.cat([m.weight.flatten() for m in G.modules() if isinstance(m, nn.ConvTranspose2d)])
     assert w.mean().abs() < 2e-3 and abs(w.std().item() - 0.02) < 1e-3
     bn = [m for m in D.modules() if isinstance(m, nn.BatchNorm2d)][0]
@@ -85,8 +104,8 @@ def test_dcgan_init():
 
 def tiny_game(seed=0):
     torch.manual_seed(seed)
-    cfg = gan.Config(z_dim=8, g_channels=4, d_channels=4, batch_size=8)
-    G, D = gan.build_models(cfg, 1, (28, 28))
+    cfg = gan.Config(batch_size=8)
+    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4), (1, 28, 28))
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.5, 0.999)) for m in (G, D)]
     return cfg, G, D, *opts
 
@@ -115,10 +134,9 @@ def test_a_D_step_changes_no_G_parameter_and_a_G_step_no_D_parameter():
 
 def test_d_steps_k_gives_k_D_updates_per_G_update(data_dir, tmp_path):
     out = tmp_path / "k3"
-    run(["--data-dir", data_dir, "--out", out, *TINY, "--d-steps", 3, "--steps", 2, "--sample-every", 100])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    run(data_dir, out, "--d-steps", "3", "--steps", "2")
     adam_steps = lambda opt: {int(s["step"]) for s in opt["state"].values()}  # Adam counts its own updates
-    assert adam_steps(ckpt["opt_d"]) == {6} and adam_steps(ckpt["opt_g"]) == {2}
+    assert adam_steps(ckpt(out)["opt_d"]) == {6} and adam_steps(ckpt(out)["opt_g"]) == {2}
 
 
 def test_on_toy_2d_data_G_moves_to_the_data():
@@ -129,12 +147,12 @@ def test_on_toy_2d_data_G_moves_to_the_data():
     G = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
     D = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Flatten(0))
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in (G, D))
-    cfg = types.SimpleNamespace(batch_size=64, z_dim=4, d_steps=1, g_loss="non-saturating")
-    real = lambda: target + 0.3 * torch.randn(64, 2)
+    cfg = types.SimpleNamespace(d_steps=1, g_loss="non-saturating")
+    real, noise = lambda: target + 0.3 * torch.randn(64, 2), lambda: torch.randn(64, 4)
     dist = lambda: (G(torch.randn(2000, 4)).detach().mean(0) - target).norm().item()
     start = dist()
     for _ in range(300):
-        figures = gan.train_iteration(G, D, opt_g, opt_d, real, cfg)
+        figures = gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg)
     assert start > 3 and dist() < 0.6, (start, dist())  # the game oscillates, so the bound leaves it some room
     assert 0.2 < figures["D_x"] < 0.8  # near the equilibrium D cannot tell the two apart (D = 1/2)
 
@@ -166,87 +184,98 @@ def test_interpolation_starts_and_ends_at_the_two_samples():
 
 # ----------------------------------------------------------------------------- the script end to end
 
-def run(argv, capsys=None):
-    gan.main([str(a) for a in argv])
-    return capsys.readouterr().out if capsys else None
-
-
-def test_train_resume_sample(data_dir, tmp_path, capsys):
+def test_train_sample_and_eval_need_no_model_flags(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--data-dir", data_dir, "--out", out, *TINY]
-    run([*args, "--steps", 3, "--sample-every", 2, "--ckpt-every", 2])
-    for f in ("config.json", "log.jsonl", "ckpt.pt", "samples_2.png", "samples_3.png", "interpolation.png", "arithmetic.png"):
+    run(data_dir, out, "--steps", "3", "--sample-every", "2", "--ckpt-every", "2")
+    for f in ("config.json", "log.jsonl", "ckpt.pt", "samples_2.png", "samples_3.png"):
         assert (out / f).exists(), f
-    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logs = logged(out)
     assert [r["step"] for r in logs] == [1, 2, 3]
     for r in logs:
         assert all(math.isfinite(r[k]) for k in ("d_loss", "g_loss", "D_x", "D_G_z")) and 0 < r["D_x"] < 1
+    assert ckpt(out)["model_config"] == dict(dataset="mnist", z_dim=8, g_channels=4, d_channels=4)
 
-    run([*args, "--steps", 5, "--resume", "--ema"])
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
-
-    text = run([*args, "--sample", "--num-samples", 6], capsys)
+    capsys.readouterr()
+    mode(data_dir, out, "--sample", "--num-samples", "6")
+    text = capsys.readouterr().out
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (6, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1 and "6 samples" in text
-    assert (out / "samples.png").exists() and "mean ink per column" in text
+    for f in ("samples.png", "interpolation.png", "arithmetic.png"):
+        assert (out / f).exists(), f
+    mode(data_dir, out, "--sample", "--num-samples", "6")  # the fixed noise of --seed: the same samples
+    assert torch.equal(torch.load(out / "samples.pt"), samples)
+    mode(data_dir, out, "--sample", "--num-samples", "6", "--ema")  # the EMA of G after 3 steps: other weights
+    assert not torch.equal(torch.load(out / "samples.pt"), samples)
+
+    result = mode(data_dir, out, "--eval")
+    assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64
+    assert result == mode(data_dir, out, "--eval")  # seeded z: the same figures again
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    """Four steps straight equal two steps, a stop, and two more with --resume (G, D and both optimizers)."""
-    args = ["--data-dir", data_dir, *TINY, "--sample-every", 100, "--ckpt-every", 2]
-    run([*args, "--out", tmp_path / "a", "--steps", 4])
-    run([*args, "--out", tmp_path / "b", "--steps", 2])
-    run([*args, "--out", tmp_path / "b", "--steps", 4, "--resume"])
-    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("a", "b"))
+def test_eval_computes_the_value_of_the_game(data_dir, tmp_path):
+    """game_value against V(D, G) written out by hand for a G and a D whose outputs are known: D gives every real
+    image the logit 2 and every fake the logit -1 (a constant net), whatever G makes."""
+    class ConstD(nn.Module):
+        def forward(self, x):  # real images lie in [-1, 1] with some pixel above 0.99; G's fakes are all -1
+            return torch.where(x.flatten(1).amax(1) > 0, 2.0, -1.0)
+
+    class BlankG(nn.Module):
+        z_dim = 3
+
+        def forward(self, z):
+            return -torch.ones(len(z), 1, 28, 28)
+
+    x, _ = common.load_dataset("mnist", data_dir, "test")
+    rows = gan.game_value(BlankG(), ConstD(), x, 10, seed=0)
+    d_real, d_fake = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(-1.0))
+    v = math.log(d_real) + math.log(1 - d_fake)
+    values = list(rows.values())
+    assert values[0] == pytest.approx(v, rel=1e-6)
+    assert values[1] == pytest.approx(d_real.item()) and values[2] == pytest.approx(d_fake.item())
+    assert values[3] == pytest.approx(-math.log(d_fake)) and values[4] == pytest.approx(math.log(1 - d_fake))
+
+
+def test_resume_after_ctrl_c_is_exact(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C after step 3 of 6: the iteration finishes, the checkpoint holds step 3, exit 130; --resume then ends
+    bit for bit where a run in one go ends (G, D, the EMA of G), and log.jsonl has one line per step."""
+    run(data_dir, tmp_path / "one-go", "--steps", "6", "--ema")
+    sigint_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, tmp_path / "resumed", "--steps", "6", "--ema")
+    assert e.value.code == 130 and ckpt(tmp_path / "resumed")["step"] == 3
+    monkeypatch.undo()
+    run(data_dir, tmp_path / "resumed", "--steps", "6", "--ema", "--resume")
     for net in ("G", "D", "ema"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), (net, k)
+        assert same_weights(tmp_path / "one-go" / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt", net), net
+    assert [r["step"] for r in logged(tmp_path / "resumed")] == list(range(1, 7))
 
 
 def test_cifar_32x32_rgb_trains_and_samples(data_dir, tmp_path):
-    args = ["--data-dir", data_dir, "--out", tmp_path / "c", *TINY, "--dataset", "cifar10", "--g-loss", "minimax"]
-    run([*args, "--steps", 2, "--sample-every", 100])
-    run([*args, "--sample"])
-    assert torch.load(tmp_path / "c" / "samples.pt").shape == (4, 3, 32, 32)
+    out = tmp_path / "c"
+    run(data_dir, out, "--steps", "2", "--g-loss", "minimax", model=[*MODEL, "--dataset", "cifar10"])
+    mode(data_dir, out, "--sample", "--num-samples", "5")
+    assert torch.load(out / "samples.pt").shape == (5, 3, 32, 32)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--dataset", "imagenet-42"], "unknown dataset"),
-    (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "MNIST/raw"),
-    (["--d-steps", "0"], "at least 1"),
-    (["--sample"], "no checkpoint"),
-    (["--resume"], "no checkpoint"),
-])
-def test_bad_input_is_one_line_and_exit_2(argv, message, data_dir, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+def test_a_diverging_step_is_never_applied_and_resume_goes_on(data_dir, tmp_path, monkeypatch, capsys):
+    """G's loss becomes nan at the 4th iteration: exit 2 before G's update; the checkpoint (--ckpt-every 1) holds
+    step 3, finite; --resume with the loss back to normal ends where a run in one go ends."""
+    run(data_dir, tmp_path / "one-go", "--steps", "6")
+    calls, real_loss = [0], gan.g_loss
+
+    def nan_at_iteration_4(logit, kind):
+        calls[0] += 1
+        return real_loss(logit, kind) * (math.nan if calls[0] == 4 else 1)
+    monkeypatch.setattr(gan, "g_loss", nan_at_iteration_4)
+    out = tmp_path / "nan"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run(["--data-dir", data_dir, "--out", tmp_path / "x", *TINY, "--steps", 1, *argv])
+        run(data_dir, out, "--steps", "6", "--ckpt-every", "1")
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
-
-
-def test_refuses_another_config_another_scripts_checkpoint_and_an_existing_run(data_dir, tmp_path, capsys):
-    out = tmp_path / "r"
-    run(["--data-dir", data_dir, "--out", out, *TINY, "--steps", 1])
-    for extra in (["--sample", "--g-channels", "8"], ["--steps", 1]):
-        with pytest.raises(SystemExit) as e:
-            run(["--data-dir", data_dir, "--out", out, *TINY, *extra])
-        assert e.value.code == 2
-    other = tmp_path / "o"
-    other.mkdir()
-    common.save_checkpoint(other / "ckpt.pt", "vae", gan.Config(), 1, model=nn.Linear(1, 1))
-    with pytest.raises(SystemExit):
-        run(["--data-dir", data_dir, "--out", other, *TINY, "--sample"])
-    err = capsys.readouterr().err
-    assert "--g-channels 4" in err and "already holds a run" in err and "written by vae.py, not gan.py" in err
-
-
-def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "n"
-    run(["--data-dir", data_dir, "--out", out, *TINY, "--steps", 2, "--sample-every", 100])
-    before = (out / "ckpt.pt").read_bytes()
-    monkeypatch.setattr(gan, "g_loss", lambda logit, kind: logit.mean() * float("nan"))
-    with pytest.raises(SystemExit) as e:
-        run(["--data-dir", data_dir, "--out", out, *TINY, "--steps", 4, "--resume"])
-    assert e.value.code == 2 and "lower --lr" in capsys.readouterr().err
-    assert (out / "ckpt.pt").read_bytes() == before
+    assert e.value.code == 2 and "g_loss became nan at step 4" in err and "lower --lr" in err and "\n" not in err
+    saved = ckpt(out)
+    assert saved["step"] == 3 and all(torch.isfinite(w).all() for w in saved["G"].values())
+    monkeypatch.undo()
+    run(data_dir, out, "--steps", "6", "--resume")
+    for net in ("G", "D"):
+        assert same_weights(tmp_path / "one-go" / "ckpt.pt", out / "ckpt.pt", net), net
