@@ -75,6 +75,11 @@ class RunConfig:
     resume: bool = opt(False, "continue the run in --out from its checkpoint", mode="checkpoint")
     sample: bool = opt(False, "only sample from the checkpoint in --out", mode="checkpoint")
     eval: bool = opt(False, "only evaluate the checkpoint in --out on the test set", mode="checkpoint")
+    preset: str = opt("auto", "the recipe of a new run: full (the model sized for one GPU), quick (a run of minutes on a "
+                      "CPU), auto (full on a CUDA GPU, quick elsewhere); a flag you give overrides it",
+                      choices=["auto", "full", "quick"])
+    plot: bool = opt(False, "only redraw curves.png from log.jsonl in --out", mode="folder")
+    recipe: str = dataclasses.field(default="", metadata=dict(cli=False))  # the line saying which preset, and why
     model: ModelConfig = dataclasses.field(default=None, metadata=dict(cli=False))  # filled in by parse_args
 
 
@@ -94,7 +99,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_flags(model_cls, run_cls, argv=None):
     """The CLI generated from the two Config dataclasses (--batch-size 64 and --batch-size=64 both work), every
-    number checked against its range. Returns (run config, the model flags given on the command line)."""
+    number checked against its range. Returns the flags on the command line: (run options, model options), dicts."""
     parser = Parser(description=sys.modules[run_cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls, title in [(model_cls, "model options (stored in the checkpoint)"), (run_cls, "run options")]:
         group = parser.add_argument_group(title)
@@ -103,35 +108,76 @@ def parse_flags(model_cls, run_cls, argv=None):
                 add_flag(group, f)
     given = vars(parser.parse_args(argv))  # only the flags on the command line: every default is SUPPRESS
     model_names = {f.name for f in dataclasses.fields(model_cls)}
-    cfg = run_cls(**{k: v for k, v in given.items() if k not in model_names})
+    run_flags = {k: v for k, v in given.items() if k not in model_names}
     model_flags = {k: v for k, v in given.items() if k in model_names}
-    for obj in (cfg, model_cls(**model_flags)):
-        for f in dataclasses.fields(obj):
-            if f.metadata.get("valid") is not None:
-                check_range(flag(f.name), getattr(obj, f.name), f.metadata["valid"])
-    return cfg, model_flags
+    check_ranges(run_cls(**run_flags))
+    check_ranges(model_cls(**model_flags))
+    return run_flags, model_flags
 
 
-def parse_args(model_cls, run_cls, script, argv=None):
-    """parse_flags, then the model options: from the flags for a new run, from the checkpoint in --out for --resume,
-    --sample, --eval... (where a model flag that disagrees is refused). Returns the run config with `.model` set."""
-    cfg, model_flags = parse_flags(model_cls, run_cls, argv)
+def check_ranges(cfg):
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("valid") is not None:
+            check_range(flag(f.name), getattr(cfg, f.name), f.metadata["valid"])
+
+
+FRESH = ("out", "device", "compile")  # run options a mode that reads a run does not take from it
+
+
+def parse_args(model_cls, run_cls, script, argv=None, presets=None):
+    """The config of this command, from three layers, each overriding the one before:
+    - the defaults of the dataclasses;
+    - for a new run, the recipe of `presets` for the device at hand (--preset); for --resume, --sample, --eval...,
+      the options of the run in --out (its model options, which no flag may contradict, and its run options);
+    - the flags on the command line.
+    Returns the run config with `.model` set."""
+    run_flags, model_flags = parse_flags(model_cls, run_cls, argv)
+    cfg = run_cls(**run_flags)
     modes = {f.name: f.metadata["mode"] for f in dataclasses.fields(cfg) if f.metadata.get("mode") and getattr(cfg, f.name)}
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(map(flag, modes))} cannot go together; pick one")
-    cfg.out = cfg.out or f"runs/{script}-{dataset_name(model_flags.get('dataset', model_cls.dataset))}"
-    check_out_folder(Path(cfg.out))
-    if "checkpoint" in modes.values():  # --resume, --sample, --eval...: the model options come from the run
-        saved = read_checkpoint(Path(cfg.out) / "ckpt.pt", script)["model_config"]
+    out = run_flags.setdefault("out", cfg.out or f"runs/{script}-{dataset_name(model_flags.get('dataset', model_cls.dataset))}")
+    check_out_folder(Path(out))
+    if "checkpoint" in modes.values():  # --resume, --sample, --eval...: the options come from the run
+        ckpt = read_checkpoint(Path(out) / "ckpt.pt", script)
+        saved = ckpt["model_config"]
         for k, v in model_flags.items():
             if saved.get(k) != v:
-                raise UsageError(f"{cfg.out} holds a model trained with {flag(k)} {saved.get(k)} (now {v}); "
+                raise UsageError(f"{out} holds a model trained with {flag(k)} {saved.get(k)} (now {v}); "
                                  f"drop {flag(k)}, or pick another --out")
-        model_flags = saved
-    elif (Path(cfg.out) / "ckpt.pt").exists() and not modes:
-        raise UsageError(f"{cfg.out} already holds a run; pass --resume to continue it, or --out to start a new one")
-    cfg.model = model_cls(**model_flags)
+        mode_names = {f.name for f in dataclasses.fields(run_cls) if f.metadata.get("mode")}
+        run_names = {f.name for f in dataclasses.fields(run_cls)} - mode_names - set(FRESH) - {"model"}
+        model, run = saved, {k: v for k, v in ckpt["run_config"].items() if k in run_names} | run_flags
+    elif "folder" in modes.values():  # --plot: only the folder's log
+        model, run = model_flags, run_flags
+    else:
+        if (Path(out) / "ckpt.pt").exists() and not modes:
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
+        name, recipe, line = pick_preset(presets or {}, cfg)
+        model_names = {f.name for f in dataclasses.fields(model_cls)}
+        model = {k: v for k, v in recipe.items() if k in model_names} | model_flags
+        run = {k: v for k, v in recipe.items() if k not in model_names} | run_flags | dict(preset=name, recipe=line)
+    cfg = run_cls(**run)
+    cfg.model = model_cls(**model)
+    check_ranges(cfg)  # a recipe's values and a checkpoint's are held to the same ranges as flags
+    check_ranges(cfg.model)
     return cfg
+
+
+def pick_preset(presets, cfg):
+    """(name, overrides, the line that says which recipe was taken and why): --preset, or for auto the device's
+    recipe: "full" on a CUDA GPU, "quick" elsewhere (a CPU or an Apple GPU)."""
+    if cfg.preset != "auto":
+        name, why = cfg.preset, f"--preset {cfg.preset}"
+    else:
+        device = get_device(cfg.device).type
+        name = "full" if device == "cuda" else "quick"
+        why = "a CUDA GPU is here" if name == "full" else f"no CUDA GPU here, device {device}"
+    if name not in presets:
+        return name, {}, ""
+    other = "quick" if name == "full" else "full"
+    return name, presets[name]["options"], (f"recipe {name} ({why}): {presets[name]['about']}. --preset {other} "
+                                            f"picks the other; a flag you give overrides either")
 
 
 def flag(name):
@@ -340,6 +386,8 @@ def start_run(cfg):
     """Make --out for a new run (called after the data and the model were built, so bad input writes nothing)."""
     out = Path(cfg.out)
     if not cfg.resume:
+        if cfg.recipe:
+            print(cfg.recipe)
         out.mkdir(parents=True, exist_ok=True)
         config = dict(model=dataclasses.asdict(cfg.model), run=dataclasses.asdict(cfg) | dict(model=None))
         atomic_write_text(out / "config.json", json.dumps(config, indent=2))
@@ -456,7 +504,7 @@ class Logger:
         self.path, self.total = Path(out) / "log.jsonl", total_steps
         self.last_step, self.last_time, self.images = start_step, time.time(), 0
         if self.path.exists():
-            lines = [s for s in self.path.read_text().splitlines() if s and json.loads(s).get("step", 0) <= start_step]
+            lines = [json.dumps(r) for r in read_log(self.path) if r.get("step", 0) <= start_step]
             atomic_write_text(self.path, "".join(s + "\n" for s in lines))
 
     def count(self, n_images):
@@ -473,6 +521,50 @@ class Logger:
         figs = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
         print(f"step {step:>6}/{self.total} | {figs} | {img_s:,.0f} img/s | ETA {format_seconds(eta)}", flush=True)
         self.last_step, self.last_time, self.images = step, now, 0
+
+
+def read_log(path):
+    """The records of a log.jsonl; a line cut short by a crash mid-write is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def plot_curves(out):
+    """curves.png in `out`: every figure of log.jsonl (the losses, the family's own measure) against the step, one
+    panel each. Written with every sample grid of a run, and by --plot for any run."""
+    path = Path(out) / "log.jsonl"
+    if not path.exists():
+        raise UsageError(f"no log.jsonl in {out}; point --out at a run folder, or train one there first")
+    records = read_log(path)
+    names = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "img_per_s")]
+    if not names:
+        raise UsageError(f"{path} holds no logged figures yet; train for at least --log-every steps")
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed: the picture goes to a file
+    import matplotlib.pyplot as plt
+    cols = min(3, len(names))
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = Path(out) / "curves.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, Path(out) / "curves.png")
+    return Path(out) / "curves.png"
 
 
 def format_seconds(s):
@@ -495,7 +587,7 @@ def run_safely(what, fn):
     so it never costs the trained steps."""
     try:
         return fn()
-    except (RuntimeError, ValueError, OSError) as e:
+    except (RuntimeError, ValueError, OSError, UsageError) as e:
         print(f"warning: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
 
 

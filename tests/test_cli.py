@@ -5,6 +5,7 @@ import importlib
 import pytest
 import torch
 
+import common
 from conftest import folder_snapshot
 
 SCRIPTS = ["ddpm", "vae", "gan", "pixelcnn", "pixelrnn"]
@@ -153,3 +154,29 @@ def test_a_malicious_pickle_is_refused_and_never_run(runs, tmp_path, capsys):
         importlib.import_module("ddpm").main(["--out", str(run), "--sample"])
     captured = capsys.readouterr()
     assert e.value.code == 2 and "not a readable checkpoint" in captured.err and "pwned" not in captured.out
+
+
+# ----------------------------------------------------------------------------- recipes and curves
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_recipe_sets_real_options_within_their_ranges(script, tmp_path):
+    module = importlib.import_module(script)
+    assert set(module.PRESETS) == {"full", "quick"} and module.PRESETS["full"]["options"] == {}  # full: the defaults
+    for name, recipe in module.PRESETS.items():
+        argv = ["--preset", name, "--out", str(tmp_path / name)]
+        cfg = common.parse_args(module.ModelConfig, module.Config, script, argv, module.PRESETS)
+        for k, v in recipe["options"].items():
+            assert (getattr(cfg.model, k) if hasattr(cfg.model, k) else getattr(cfg, k)) == v, k
+    cfg = common.parse_args(module.ModelConfig, module.Config, script, ["--device", "cpu"], module.PRESETS)
+    assert cfg.preset == "quick" and cfg.recipe.startswith("recipe quick (no CUDA GPU here")  # the bare command here
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_plot_redraws_the_curves_of_a_run(script, runs, tmp_path, capsys):
+    run = runs / script
+    assert (run / "curves.png").exists()  # written with the run's sample grid
+    (run / "curves.png").unlink()
+    importlib.import_module(script).main(["--out", str(run), "--plot"])
+    assert (run / "curves.png").stat().st_size > 1000
+    (tmp_path / "empty").mkdir()
+    refuses(script, ["--out", str(tmp_path / "empty"), "--plot"], ["no log.jsonl in"], capsys, tmp_path / "empty")

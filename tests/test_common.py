@@ -72,6 +72,78 @@ def test_the_checkpoint_supplies_the_model_options(tmp_path):
         parse("--out", str(tmp_path / "none"), "--resume")
 
 
+def test_resume_and_sample_take_the_run_options_of_the_run_and_flags_override_them(tmp_path):
+    """A run trained with --lr 0.25 --rate 0.1 resumes with them (README's `--resume --steps N` must not fall back
+    to the defaults); a flag given again wins; --out, --device and --compile are never taken from the run."""
+    out = tmp_path / "run"
+    cfg = parse("--lr", "0.25", "--rate", "0.1", "--device", "cpu", "--compile", "--out", str(out))
+    common.start_run(cfg)
+    common.save_checkpoint(out / "ckpt.pt", "toy", cfg, 5, common.rng_state(torch.Generator()), model=nn.Linear(2, 2))
+    resumed = parse("--out", str(out), "--resume", "--steps", "9")
+    assert (resumed.lr, resumed.rate, resumed.steps, resumed.resume) == (0.25, 0.1, 9, True)
+    assert (resumed.device, resumed.compile) == ("auto", False)
+    assert parse("--out", str(out), "--sample", "--lr", "0.5").lr == 0.5
+
+
+PRESETS = {"full": dict(about="big", options={}),
+           "quick": dict(about="small, 2 minutes", options=dict(width=2, steps=30, rate=0.25))}
+
+
+def preset(*argv):
+    return common.parse_args(Model, Run, "toy", list(argv), PRESETS)
+
+
+def test_the_recipe_follows_the_device_and_a_flag_overrides_it(monkeypatch):
+    cpu = preset("--device", "cpu")
+    assert (cpu.model.width, cpu.steps, cpu.rate, cpu.preset) == (2, 30, 0.25, "quick")  # the table, model and run options
+    assert cpu.recipe.startswith("recipe quick (no CUDA GPU here, device cpu): small, 2 minutes. --preset full")
+    mixed = preset("--device", "cpu", "--width", "5", "--steps", "7")
+    assert (mixed.model.width, mixed.steps, mixed.rate) == (5, 7, 0.25)  # the flags given win, the rest is the table's
+    full = preset("--device", "cpu", "--preset", "full")
+    assert (full.model.width, full.steps, full.rate, full.preset) == (8, 10000, 0.5, "full")  # the dataclass defaults
+    monkeypatch.setattr(common, "get_device", lambda name: torch.device("cuda"))  # as if a CUDA GPU were here
+    gpu = preset()
+    assert (gpu.model.width, gpu.steps, gpu.preset) == (8, 10000, "full") and "a CUDA GPU is here" in gpu.recipe
+    assert preset("--preset", "quick").model.width == 2  # asked for by name, on any device
+
+
+def test_the_first_line_of_a_run_names_the_recipe(tmp_path, capsys):
+    common.start_run(preset("--device", "cpu", "--out", str(tmp_path / "r")))
+    assert capsys.readouterr().out.splitlines()[0].startswith("recipe quick")
+
+
+def test_bad_presets_and_devices_are_one_usage_error(tmp_path):
+    with pytest.raises(common.UsageError, match="--preset: invalid choice: 'huge'"):
+        preset("--preset", "huge")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UsageError, match="--device cuda .* use --device cpu"):
+            preset("--device", "cuda", "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_plot_draws_every_logged_figure_from_log_jsonl(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = [dict(step=s, img_per_s=100.0, loss=1 / s, grad_norm=0.5) for s in range(1, 50)]
+    lines[-1]["test_nll"] = 0.3  # a figure logged on some steps only
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 50, "lo')  # a cut line
+    path = common.plot_curves(out)
+    from PIL import Image
+    image = Image.open(path)
+    assert path == out / "curves.png" and image.size[0] > 600 and image.size[1] > 150  # three panels in a row
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "log.jsonl"]  # no temporary file left behind
+
+
+def test_plot_without_a_log_is_one_usage_error_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UsageError, match="no log.jsonl in"):
+        common.plot_curves(tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    with pytest.raises(common.UsageError, match="holds no logged figures"):
+        common.plot_curves(tmp_path / "empty")
+
+
 def test_precision_bf16_only_by_default_on_cuda_and_on_the_cpu_when_asked():
     layer, x, cpu = nn.Linear(4, 4), torch.randn(2, 4), torch.device("cpu")
     for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
