@@ -14,12 +14,10 @@ with closed forms; in practice the bound's denoising terms reduce to predicting 
               L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
 Run:
-    python ddpm.py --dataset mnist                      # the default model, sized for one GPU
-    python ddpm.py --dataset mnist --device cpu --channels 32 --num-res-blocks 1 --dropout 0 --batch-size 32 \\
-        --lr 1e-3 --warmup 200 --ema-decay 0.995 --sampler ddim --sample-every 1000 --steps 4000 --out runs/ddpm-cpu
-                                                        # quick CPU run: recognisable digits in 13 min on 2 cores
-    python ddpm.py --out runs/ddpm-cpu --sample --sampler ddim --sample-steps 50   # no model flag: the checkpoint has them
-    python ddpm.py --out runs/ddpm-cpu --eval --eval-n 200                          # the bound in bits/dim, its three parts
+    python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU (13 min), full on a GPU
+    python ddpm.py --sample                 # from runs/ddpm-mnist: no model flag, the checkpoint has them
+    python ddpm.py --eval --eval-n 200      # the bound in bits/dim and its three parts
+    python ddpm.py --preset full --out runs/ddpm-full   # the 6.5M-parameter U-Net on any device
 """
 import dataclasses
 import math

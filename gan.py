@@ -12,14 +12,11 @@ gradients early on). The networks follow Radford et al. 2016 ("Unsupervised Repr
 Deep Convolutional Generative Adversarial Networks"): transposed convolutions, BatchNorm and ReLU in G,
 strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
 
-    python gan.py                                     # the default DCGAN on MNIST, sized for one GPU
-    python gan.py --device cpu --g-channels 32 --d-channels 32 --batch-size 64 --steps 12000 \
-        --sample-every 2000 --out runs/gan-cpu        # the quick CPU run of README (7.6 min on 2 cores)
-    python gan.py --out runs/gan-cpu --sample --num-samples 10000
-                                                      # samples.pt, latent interpolation, latent arithmetic
-    python gan.py --out runs/gan-cpu --eval           # V(D, G) and D's verdicts on the test set
+    python gan.py                           # the recipe for the device: quick on a CPU (7 min), full on a GPU
+    python gan.py --sample --num-samples 10000   # samples.pt, latent interpolation, latent arithmetic
+    python gan.py --eval                    # V(D, G) and D's verdicts on the test set
     python gan.py --g-loss minimax --out runs/gan-minimax   # the saturating loss of the minimax game, to compare
-    python benchmarks/bench_gan.py quality runs/gan-cpu/samples.pt   # class histogram and Frechet distance
+    python benchmarks/bench_gan.py quality runs/gan-mnist/samples.pt   # class histogram and Frechet distance
 """
 import contextlib
 import dataclasses

@@ -20,13 +20,11 @@ row so far), uses gated units, and conditions on a label h through a learned bia
 
     y = tanh(W_{k,f} * x + V_{k,f}^T h) . sigmoid(W_{k,g} * x + V_{k,g}^T h)
 
-    python pixelcnn.py                                    # plain PixelCNN on binarized MNIST, sized for one GPU
-    python pixelcnn.py --arch gated --conditional --out runs/pixelcnn-cond   # gated, class-conditional
-    python pixelcnn.py --device cpu --precision bf16 --channels 64 --layers 6 --steps 6300 --batch-size 32 \\
-        --lr 3e-3 --sample-every 100000 --num-samples 16 --out runs/pixelcnn-cpu   # quick CPU run: 89.3 nats, 9 min
-    python pixelcnn.py --out runs/pixelcnn-cpu --eval       # exact NLL on the whole test set -> eval.json
-    python pixelcnn.py --out runs/pixelcnn-cpu --sample     # samples.png, samples.pt (timed)
-    python pixelcnn.py --out runs/pixelcnn-cpu --complete   # completion.png: the bottom half of test images
+    python pixelcnn.py                      # the recipe for the device: quick on a CPU (9 min), full on a GPU
+    python pixelcnn.py --eval               # exact NLL on the whole test set -> eval.json
+    python pixelcnn.py --sample             # samples.png, samples.pt (timed)
+    python pixelcnn.py --complete           # completion.png: the bottom half of test images
+    python pixelcnn.py --preset full --arch gated --conditional --out runs/pixelcnn-cond   # gated, class-conditional
     python pixelcnn.py --out runs/pixelcnn-cond --sample --label 3   # threes, from the conditional run
     python pixelcnn.py --receptive-field --channels 48 --layers 12   # -> runs/pixelcnn-mnist/receptive_field.png
 """

@@ -12,13 +12,11 @@ The last KL cannot be computed; --eval estimates log p(x) itself by importance s
 "Importance Weighted Autoencoders"), log p(x) ~ log 1/K sum_k p(x, z_k) / q(z_k|x), and shows the gap.
 1-channel images are binarized (a Bernoulli decoder); colour images keep 8 bits (a discretized logistic).
 
-    python vae.py                                   # the conv VAE, sized for one GPU
-    python vae.py --arch mlp --hidden 512 --layers 2 --steps 45000 --batch-size 256 --lr 1.5e-3 \
-        --device cpu --out runs/vae-cpu             # the quick CPU run in README: 85.9 nats, 8 min on 2 cores
-    python vae.py --out runs/vae-cpu --eval         # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
-    python vae.py --out runs/vae-cpu --sample       # samples, reconstructions, interpolation
-    python vae.py --arch mlp --hidden 512 --layers 2 --z-dim 2 --steps 10000 --device cpu --out runs/vae-z2
-    python vae.py --out runs/vae-z2 --sample        # also the decoded manifold and the test codes by label
+    python vae.py                           # the recipe for the device: quick on a CPU (an MLP), full on a GPU (conv)
+    python vae.py --eval                    # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
+    python vae.py --sample                  # samples, reconstructions, interpolation
+    python vae.py --z-dim 2 --steps 10000 --out runs/vae-z2
+    python vae.py --out runs/vae-z2 --sample   # also the decoded manifold and the test codes by label
 """
 import dataclasses
 import math

@@ -5,8 +5,8 @@ gives each sample a class (histogram: are all ten digits there, mode collapse or
 
     python benchmarks/bench_gan.py speed --device cpu
     python benchmarks/bench_gan.py speed --device cpu --reference /tmp/dcgan_ref/main.py  # a copy of pytorch/examples dcgan/main.py
-    python gan.py --out runs/gan-cpu --sample --num-samples 10000
-    python benchmarks/bench_gan.py quality runs/gan-cpu/samples.pt
+    python gan.py --sample --num-samples 10000           # from the run of `python gan.py` (runs/gan-mnist)
+    python benchmarks/bench_gan.py quality runs/gan-mnist/samples.pt
 
 Speed is images/s of real data through full iterations of Algorithm 1 with k = 1 (one D update on a batch of
 real and a batch of fake images, one G update), timed over `--steps` iterations after a warm-up. The reference
