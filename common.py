@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 CHECKPOINT_FORMAT = 2  # 2: the model options and the run options are stored apart
 
@@ -35,10 +36,15 @@ def entry(main):
     @functools.wraps(main)
     def wrapped(argv=None):
         try:
-            return main(argv)
+            result = main(argv)
         except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
+            where = f" (rank {rank()} of {world()})" if world() > 1 else ""
+            print(f"error{where}: {e}", file=sys.stderr)
+            raise SystemExit(2)  # under torchrun, torchrun then stops the other ranks
+        if distributed():  # under torchrun: every rank is done before the process group is taken down
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
     return wrapped
 
 
@@ -209,11 +215,113 @@ def get_device(name="auto"):
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for but this machine has no Apple GPU; use --device cpu")
+    device = torch.device(name)
     if name == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs: ~free speed, fp32 range
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed input shapes, so let cuDNN pick the fastest kernels
-    return torch.device(name)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one GPU per process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    join_process_group(device)
+    return device
+
+
+# ----------------------------------------------------------------------------- several processes: torchrun and DDP
+# Started with plain `python`, a script is one process and none of this does anything. Started by torchrun (which
+# sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous), it joins the process group and DistributedDataParallel
+# averages the gradients of every step over the processes.
+
+def join_process_group(device):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # NCCL between GPUs, gloo on CPUs
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def world():
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main():
+    """Rank 0 writes the logs, pictures, checkpoints and eval.json; the other ranks only compute."""
+    return rank() == 0
+
+
+def ddp(model):
+    """The model wrapped in DistributedDataParallel under torchrun (its gradients averaged over the ranks in
+    backward()), or the model itself. The wrapper answers the model's own attributes too (model.binary ...)."""
+    return DDP(model) if distributed() else model
+
+
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def unwrap(model):
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def say(*args):
+    """print on rank 0 only: under torchrun every rank runs the same lines."""
+    if is_main():
+        print(*args, flush=True)
+
+
+def per_rank_batch(batch_size):
+    """--batch-size is the global batch of a step, the same for any number of processes (so is --lr's meaning):
+    each of N ranks draws batch_size / N images."""
+    if batch_size % world():
+        raise UsageError(f"--batch-size {batch_size} does not split over {world()} processes; use a multiple of {world()}")
+    return batch_size // world()
+
+
+def max_over_ranks(value):
+    """The largest of the ranks' values, on every rank: so that all ranks take the same decision (Ctrl-C, a clock)."""
+    if not distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def shard(n):
+    """This rank's contiguous share of range(n): an evaluation or a sampler split over the ranks."""
+    per = math.ceil(n / world())
+    return range(min(n, rank() * per), min(n, (rank() + 1) * per))
+
+
+def sum_over_ranks(value):
+    """A float or a tensor summed over the ranks (the parts of a total computed on each rank's shard)."""
+    if not distributed():
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64).to(collective_device())
+    dist.all_reduce(t)
+    return t.item() if t.dim() == 0 else t.cpu()
+
+
+def gather_cat(x):
+    """Every rank's CPU tensor, concatenated in rank order, on every rank (the shards of a sampler)."""
+    if not distributed():
+        return x
+    parts = [None] * world()
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts)
 
 
 def autocast(device, precision):
@@ -228,9 +336,12 @@ def maybe_compile(model, cfg):
     return torch.compile(model) if cfg.compile else model
 
 
+RANK_STRIDE = 7919  # rank r of a torchrun job draws from seed + 7919 r: its own numbers; rank 0 those of one process
+
+
 def seed_everything(seed):
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-    np.random.seed(seed)
+    torch.manual_seed(seed + RANK_STRIDE * rank())  # seeds the CPU and every CUDA device
+    np.random.seed(seed + RANK_STRIDE * rank())
 
 
 # ----------------------------------------------------------------------------- data
@@ -339,7 +450,8 @@ def random_batch(x, batch_size, generator, y=None):
 
 
 def data_generator(device, seed):
-    return torch.Generator(device=device).manual_seed(seed)
+    """The generator of a run's batches (and binarizations): each rank of a torchrun job has its own."""
+    return torch.Generator(device=device).manual_seed(seed + RANK_STRIDE * rank())
 
 
 def is_binary(channels):
@@ -385,7 +497,7 @@ def nats_to_bits_per_dim(nats_per_image, dims):
 def start_run(cfg):
     """Make --out for a new run (called after the data and the model were built, so bad input writes nothing)."""
     out = Path(cfg.out)
-    if not cfg.resume:
+    if not cfg.resume and is_main():
         if cfg.recipe:
             print(cfg.recipe)
         out.mkdir(parents=True, exist_ok=True)
@@ -414,8 +526,14 @@ def save_checkpoint(path, script, cfg, step, rng, **modules):
     for k, m in modules.items():
         if isinstance(m, torch.nn.Module) and not all(torch.isfinite(p).all() for p in m.parameters()):
             raise UsageError(f"{k} has non-finite weights at step {step}; not saved, the last checkpoint was kept: lower --lr")
+    rngs = [rng]
+    if distributed():  # every rank's random state, so that --resume restores each rank's own
+        rngs = [None] * world()
+        dist.all_gather_object(rngs, rng)
+    if not is_main():
+        return
     ckpt = dict(script=script, format=CHECKPOINT_FORMAT, step=step, model_config=dataclasses.asdict(cfg.model),
-                run_config=dataclasses.asdict(cfg) | dict(model=None), **rng, **state)
+                run_config=dataclasses.asdict(cfg) | dict(model=None), rng=rngs, **state)
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -447,10 +565,14 @@ def load_checkpoint(path, script, generator=None, **modules):
     for k, m in modules.items():
         m.load_state_dict(ckpt[k])
     if generator is not None:
-        generator.set_state(ckpt["rng_data"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if torch.cuda.is_available() and ckpt["rng_cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        if len(ckpt["rng"]) != world():
+            raise UsageError(f"{path} was trained by {len(ckpt['rng'])} process(es), this run has {world()}; resume with "
+                             f"{len(ckpt['rng'])} (torchrun --nproc_per_node), so that it continues exactly")
+        rng = ckpt["rng"][rank()]
+        generator.set_state(rng["rng_data"])
+        torch.set_rng_state(rng["rng_cpu"])
+        if torch.cuda.is_available() and rng["rng_cuda"]:
+            torch.cuda.set_rng_state_all(rng["rng_cuda"])
     return ckpt["step"]
 
 
@@ -489,10 +611,15 @@ class CtrlC:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
+    def stopping(self):
+        """True once Ctrl-C came to this process or, under torchrun, to any: every rank ends at the same step."""
+        self.requested = bool(max_over_ranks(self.requested))
+        return self.requested
+
     def exit_if_requested(self, step):
         """After the checkpoint of `step` was saved: exit 130 if Ctrl-C ended the loop."""
         if self.requested:
-            print(f"interrupted: checkpoint saved at step {step}; --resume continues from there")
+            say(f"interrupted: checkpoint saved at step {step}; --resume continues from there")
             raise SystemExit(130)
 
 
@@ -503,7 +630,7 @@ class Logger:
     def __init__(self, out, total_steps, start_step=0):
         self.path, self.total = Path(out) / "log.jsonl", total_steps
         self.last_step, self.last_time, self.images = start_step, time.time(), 0
-        if self.path.exists():
+        if self.path.exists() and is_main():
             lines = [json.dumps(r) for r in read_log(self.path) if r.get("step", 0) <= start_step]
             atomic_write_text(self.path, "".join(s + "\n" for s in lines))
 
@@ -511,6 +638,8 @@ class Logger:
         self.images += n_images
 
     def log(self, step, **figures):
+        if not is_main():
+            return
         now = time.time()
         img_s = self.images / max(now - self.last_time, 1e-9)
         steps_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
@@ -538,6 +667,8 @@ def plot_curves(out):
     """curves.png in `out`: every figure of log.jsonl (the losses, the family's own measure) against the step, one
     panel each. Written with every sample grid of a run, and by --plot for any run."""
     path = Path(out) / "log.jsonl"
+    if not is_main():
+        return None
     if not path.exists():
         raise UsageError(f"no log.jsonl in {out}; point --out at a run folder, or train one there first")
     records = read_log(path)
@@ -574,10 +705,12 @@ def format_seconds(s):
 
 def report(out, title, rows, **extra):
     """--eval's result: a two-column table on screen, and eval.json in the run folder (rows and `extra`)."""
+    result = dict(extra, **rows)
+    if not is_main():
+        return result
     print(title)
     for name, value in rows.items():
         print(f"  {name:52s} {value:10.4f}")
-    result = dict(extra, **rows)
     atomic_write_text(Path(out) / "eval.json", json.dumps(result, indent=2))
     return result
 

@@ -443,22 +443,23 @@ def train(cfg):
     ema = common.make_ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
+    batch = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
     out = common.start_run(cfg)
     step = common.load_checkpoint(out / "ckpt.pt", "ddpm", data_rng, model=model, ema=ema, opt=opt) if cfg.resume else 0
     common.check_resume(cfg, step)
-    print(f"ddpm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training images "
+    common.say(f"ddpm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training images "
           f"{tuple(x_train.shape[1:])}, {device}")
-    if step == 0:
+    if step == 0 and common.is_main():
         common.run_safely("forward_process.png", lambda: forward_process_picture(
             diffusion, common.uint8_to_signed(x_train[:8]), out / "forward_process.png", cfg.seed))
-    forward_model = common.maybe_compile(model, cfg)
+    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
     shape = (cfg.num_samples, *x_train.shape[1:])
     start, log = step, common.Logger(out, cfg.steps, step)
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "ddpm", cfg, step, rng, model=model, ema=ema, opt=opt)
     with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.requested:
+        while step < cfg.steps and not ctrl_c.stopping():
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            x0 = common.uint8_to_signed(common.random_batch(x_train, cfg.batch_size, data_rng))
+            x0 = common.uint8_to_signed(common.random_batch(x_train, batch, data_rng))
             for g in opt.param_groups:  # linear warm-up: large early updates would undo the zero-initialised layers
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             with common.autocast(device, cfg.precision):
@@ -475,12 +476,12 @@ def train(cfg):
             log.count(cfg.batch_size)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, **figures)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
                 common.run_safely("the sample grid", lambda: sample_pictures(diffusion, ema, cfg, shape, out, step))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
-    print(f"done: {out}")
+    common.say(f"done: {out}")
 
 
 # ----------------------------------------------------------------------------- the other modes
@@ -498,13 +499,13 @@ def evaluate(cfg):
     """The bound on test images: -log p(x_0) <= L_T + sum_t L_{t-1} + L_0, in bits/dim (T network passes per image)."""
     ema, x_test, _ = load_for_inference(cfg)
     diffusion = Diffusion(cfg.model, x_test.device)
-    x_test = x_test[:cfg.eval_n]
-    rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
-    parts = torch.zeros(3)
-    for i in tqdm(range(0, len(x_test), cfg.batch_size), desc="the bound"):
-        x0 = common.uint8_to_signed(x_test[i:i + cfg.batch_size])
-        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, x0, rng)])
-    prior, denoise, recon = (parts / len(x_test)).tolist()
+    x_test, part = x_test[:cfg.eval_n], common.shard(min(cfg.eval_n, len(x_test)))  # under torchrun: each rank its share
+    rng = torch.Generator(x_test.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())
+    parts = torch.zeros(3, dtype=torch.float64)
+    for i in tqdm(range(part.start, part.stop, cfg.batch_size), desc="the bound", disable=not common.is_main()):
+        x0 = common.uint8_to_signed(x_test[i:min(i + cfg.batch_size, part.stop)])
+        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, x0, rng)]).double()
+    prior, denoise, recon = (common.sum_over_ranks(parts) / len(x_test)).tolist()
     rows = {"L_T      prior matching (bits/dim)": prior, "L_t-1    denoising (bits/dim)": denoise,
             "L_0      reconstruction (bits/dim)": recon, "NLL <=   total (bits/dim)": prior + denoise + recon}
     return common.report(cfg.out, f"variational bound on {len(x_test)} test images of {cfg.model.dataset}", rows, n=len(x_test))
@@ -513,15 +514,16 @@ def evaluate(cfg):
 def sample_from_checkpoint(cfg):
     ema, x_test, _ = load_for_inference(cfg)
     diffusion = Diffusion(cfg.model, x_test.device)
-    start, chunks = time.time(), []
-    for n in range(0, cfg.num_samples, 500):  # bounded memory for any --num-samples
-        shape = (min(500, cfg.num_samples - n), *x_test.shape[1:])
+    start, chunks, part = time.time(), [], common.shard(cfg.num_samples)  # under torchrun: each rank its share
+    for n in range(part.start, part.stop, 500):  # bounded memory for any --num-samples; chunk n starts from seed + n
+        shape = (min(500, part.stop - n), *x_test.shape[1:])
         with common.autocast(x_test.device, cfg.precision):
             chunks.append(common.signed_to_unit(sample(diffusion, ema, shape, cfg, cfg.seed + n, progress=True)[0]).float())
-    samples = torch.cat(chunks).cpu()
-    common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
-    torch.save(samples, Path(cfg.out) / "samples.pt")
-    print(f"{len(samples)} samples ({cfg.sampler}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
+    samples = common.gather_cat(torch.cat(chunks).cpu() if chunks else torch.zeros(0, *x_test.shape[1:]))
+    if common.is_main():
+        common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
+        torch.save(samples, Path(cfg.out) / "samples.pt")
+    common.say(f"{len(samples)} samples ({cfg.sampler}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
 
 
 @common.entry

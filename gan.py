@@ -179,7 +179,9 @@ def train_iteration(G, D, opt_g, opt_d, real_batch, noise, cfg, step=0, amp=cont
     `real_batch()` draws x from the data, `noise()` draws z ~ p(z)."""
     for _ in range(cfg.d_steps):
         figures = d_step(G, D, opt_d, real_batch(), noise(), step, amp)
-    figures.update(g_step(G, D, opt_g, noise(), cfg.g_loss, step, amp))
+    # the G step goes through D's own module, not its DDP wrapper: D's weights are frozen there, and a DDP forward
+    # would wait for gradients of D that never come
+    figures.update(g_step(G, common.unwrap(D), opt_g, noise(), cfg.g_loss, step, amp))
     return figures
 
 
@@ -264,22 +266,26 @@ def train(cfg):
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     data_rng = common.data_generator(device, cfg.seed)
+    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
     out = common.start_run(cfg)
     nets = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema)
     step = common.load_checkpoint(out / "ckpt.pt", "gan", data_rng, **nets) if cfg.resume else 0
     common.check_resume(cfg, step)
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-    print(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
+    common.say(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
           f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss")
-    G_fwd, D_fwd = common.maybe_compile(G, cfg), common.maybe_compile(D, cfg)
-    real_batch = lambda: common.uint8_to_signed(common.random_batch(x_train, cfg.batch_size, data_rng))
-    noise = lambda: torch.randn(cfg.batch_size, cfg.model.z_dim, device=device)  # torch's generator: --resume restores it
+    # Under torchrun both networks are DDP-wrapped: their gradients are averaged over the ranks. BatchNorm stays
+    # per rank (each normalizes its own share of the batch; SyncBatchNorm would cost a collective per layer), and
+    # the EMA of G is updated on every rank from the same averaged weights, so it is the same everywhere.
+    G_fwd, D_fwd = (common.ddp(common.maybe_compile(m, cfg)) for m in (G, D))
+    real_batch = lambda: common.uint8_to_signed(common.random_batch(x_train, batch_size, data_rng))
+    noise = lambda: torch.randn(batch_size, cfg.model.z_dim, device=device)  # torch's generator: --resume restores it
     amp = lambda: common.autocast(device, cfg.precision)
     z_fixed = fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)
     start, log = step, common.Logger(out, cfg.steps, step)
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "gan", cfg, step, rng, **nets)
     with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.requested:
+        while step < cfg.steps and not ctrl_c.stopping():
             rng = common.rng_state(data_rng)  # where this iteration starts: its checkpoint resumes here
             if step > start and step % cfg.ckpt_every == 0:
                 save(rng)  # the weights of `step`, before this iteration's k + 1 updates
@@ -289,13 +295,13 @@ def train(cfg):
             log.count(cfg.batch_size)  # real images per step; each also costs k D passes on fakes and 1 G pass
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, **figures)
-            if step % cfg.sample_every == 0 or step == cfg.steps:  # the same z in every grid of the run
+            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():  # the same z in every grid of the run
                 common.run_safely("the sample grid", lambda: common.save_grid(
                     generate(ema if cfg.ema else G, z_fixed), out / f"samples_{step}.png"))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
-    print(f"done: {out}; --sample draws samples and the latent pictures")
+    common.say(f"done: {out}; --sample draws samples and the latent pictures")
 
 
 # ----------------------------------------------------------------------------- the other modes: samples and latent pictures
@@ -332,6 +338,8 @@ def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5)):
 def sample_from_checkpoint(cfg):
     """samples.png (the first 256) and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed, then
     interpolation.png and arithmetic.png from z's seeded by --seed + 1."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     G, _, _ = load_for_inference(cfg)
     out, device = Path(cfg.out), next(G.parameters()).device
     start = time.time()

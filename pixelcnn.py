@@ -351,7 +351,7 @@ def sample_images(cfg, model, n, shape, progress=False):
     """n new images (model values) from empty canvases, with a generator seeded by --seed: every grid of a run
     uses the same random numbers, and the training run's own never move."""
     device = next(model.parameters()).device
-    rng = torch.Generator(device).manual_seed(cfg.seed)
+    rng = torch.Generator(device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())  # rank r: its own numbers
     canvas = torch.zeros(n, *shape, device=device)
     return sample(model, canvas, class_labels(cfg, n, device), rng, fast=cfg.fast, progress=progress)
 
@@ -360,11 +360,12 @@ def sample_images(cfg, model, n, shape, progress=False):
 
 @torch.no_grad()
 def mean_nll(model, x, y=None, batch=500):
-    """Mean exact NLL (nats/image) over all of x (model values)."""
-    total = 0.0
-    for i in tqdm(range(0, len(x), batch), desc="exact NLL", unit="batch", leave=False):
-        total += nll(model, x[i:i + batch], None if y is None else y[i:i + batch]).sum().item()
-    return total / len(x)
+    """Mean exact NLL (nats/image) over all of x (model values); under torchrun each rank scores its share."""
+    total, part = 0.0, common.shard(len(x))
+    for i in tqdm(range(part.start, part.stop, batch), desc="exact NLL", unit="batch", leave=False):
+        j = min(i + batch, part.stop)
+        total += nll(model, x[i:j], None if y is None else y[i:j]).sum().item()
+    return common.sum_over_ranks(total) / len(x)
 
 
 def report_test_nll(cfg, model, x_test, y_test):
@@ -408,12 +409,13 @@ def train(cfg):
     class_labels(cfg, n_grid, device)  # so does a --label an unconditional model cannot take
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
+    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
     out = common.start_run(cfg)
     step = common.load_checkpoint(out / "ckpt.pt", "pixelcnn", data_rng, model=model, opt=opt) if cfg.resume else 0
     common.check_resume(cfg, step)
-    print(f"pixelcnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, "
+    common.say(f"pixelcnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {device}")
-    forward_model = common.maybe_compile(model, cfg)
+    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
     start, log = step, common.Logger(out, cfg.steps, step)
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, step, rng, model=model, opt=opt)
 
@@ -422,11 +424,11 @@ def train(cfg):
         common.save_grid(levels_to_unit(x, model.binary), out / f"samples_{step}.png")
 
     with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.requested:
+        while step < cfg.steps and not ctrl_c.stopping():
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            batch = common.random_batch(x_train, cfg.batch_size, data_rng, y_train)
+            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
             x, y = batch if y_train is not None else (batch, None)
             x = prepare(x, data_rng)
             with common.autocast(device, cfg.precision):
@@ -442,32 +444,35 @@ def train(cfg):
             log.count(cfg.batch_size)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, **figures, grad_norm=grad_norm)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
                 common.run_safely("the sample grid", sample_grid)
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
                 model.train()
     save(common.rng_state(data_rng))  # the end of the run, or Ctrl-C after the step under way
     ctrl_c.exit_if_requested(step)
     common.run_safely("the test NLL", lambda: report_test_nll(cfg, model, x_test, y_test))  # the family's measure
-    print(f"done: {out}")
+    common.say(f"done: {out}")
 
 
 # ----------------------------------------------------------------------------- the other modes
 
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
-    start = time.time()
-    x = levels_to_unit(sample_images(cfg, model, cfg.num_samples, x_test.shape[1:], progress=True), model.binary).cpu()
+    start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
+    x = common.gather_cat(levels_to_unit(sample_images(cfg, model, n, x_test.shape[1:], progress=True), model.binary).cpu())
     seconds = time.time() - start
-    common.save_grid(x[:256], Path(cfg.out) / "samples.png")
-    torch.save(x, Path(cfg.out) / "samples.pt")
-    print(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} network passes, {'fast' if cfg.fast else 'naive'} "
+    if common.is_main():
+        common.save_grid(x[:256], Path(cfg.out) / "samples.png")
+        torch.save(x, Path(cfg.out) / "samples.pt")
+    common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} network passes, {'fast' if cfg.fast else 'naive'} "
           f"sampler) -> {cfg.out}/samples.png, samples.pt")
 
 
 def complete(cfg, n=8, k=4):
     """Rows: the top half of a test image (bottom hidden), k completions sampled from p(bottom | top), the original.
     A --conditional model completes with each image's own label, or with --label."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     model, x_test, y_test = load_for_inference(cfg)
     device = x_test.device
     x = prepare(x_test[:n], fixed=True)
@@ -503,6 +508,8 @@ def receptive_field_picture(cfg, size=28, zoom=6):
     size x size image: the picture is about structure, so it needs no data and no checkpoint.
     White: log |gradient| (scaled from the smallest non-zero one to the largest); red: the output pixel;
     blue: earlier pixels the output cannot see (the blind spot, with enough layers)."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     common.seed_everything(cfg.seed)
     shape = (1, size, size)
     models = {arch: build_model(dataclasses.replace(cfg.model, arch=arch), shape) for arch in ("plain", "gated")}

@@ -316,11 +316,11 @@ def eval_pixels(x_uint8, binary):
 
 @torch.no_grad()
 def mean_nll(model, x_uint8, binary, batch_size):
-    """Exact NLL in nats per image, averaged over the given test images."""
-    v_all = eval_pixels(x_uint8, binary)
-    total = sum(nll(model, v_all[i:i + batch_size], binary).sum().item()
-                for i in tqdm(range(0, len(v_all), batch_size), desc="exact NLL", leave=False))
-    return total / len(v_all)
+    """Exact NLL in nats per image, averaged over the given test images (under torchrun each rank scores its share)."""
+    v_all, part = eval_pixels(x_uint8, binary), common.shard(len(x_uint8))
+    total = sum(nll(model, v_all[i:min(i + batch_size, part.stop)], binary).sum().item()
+                for i in tqdm(range(part.start, part.stop, batch_size), desc="exact NLL", leave=False))
+    return common.sum_over_ranks(total) / len(v_all)
 
 
 def report_nll(cfg, model, x_test, binary):
@@ -370,24 +370,25 @@ def train(cfg):
     binary = model.binary
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
+    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
     out = common.start_run(cfg)
     step = common.load_checkpoint(out / "ckpt.pt", "pixelrnn", data_rng, model=model, opt=opt) if cfg.resume else 0
     common.check_resume(cfg, step)
     dims = x_train[0].numel()
-    print(f"pixelrnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
+    common.say(f"pixelrnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
           f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {'binarized' if binary else '8-bit'}, {device}")
-    forward_model = common.maybe_compile(model, cfg)
+    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
     start, log, t0 = step, common.Logger(out, cfg.steps, step), time.time()
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, step, rng, model=model, opt=opt)
     with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.requested:
-            minutes = (time.time() - t0) / 60
+        while step < cfg.steps and not ctrl_c.stopping():
+            minutes = common.max_over_ranks((time.time() - t0) / 60)  # under torchrun, one clock for all ranks
             if cfg.max_minutes and minutes > cfg.max_minutes:  # a wall-clock budget: end as if --steps were reached now
                 cfg.steps = step + 1
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step, minutes)
-            batch = common.random_batch(x_train, cfg.batch_size, data_rng)
+            batch = common.random_batch(x_train, batch_size, data_rng)
             v = common.binarize(batch, data_rng) if binary else batch  # a fresh stochastic binarization every step
             with common.autocast(device, cfg.precision):
                 nats = nll(forward_model, v, binary).mean()
@@ -403,7 +404,7 @@ def train(cfg):
             log.count(cfg.batch_size)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, nll_nats=nats, bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims), grad_norm=grad_norm)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
                 common.run_safely("the sample grid", lambda: sample_grid(
                     model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
@@ -411,7 +412,7 @@ def train(cfg):
     ctrl_c.exit_if_requested(step)
     common.run_safely("the test NLL", lambda: report_nll(cfg, model, x_test, binary))
     model.train()
-    print(f"done: {out}")
+    common.say(f"done: {out}")
 
 
 # ----------------------------------------------------------------------------- the other modes
@@ -432,17 +433,20 @@ def evaluate(cfg):
 
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
-    start = time.time()
-    rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
-    v = sample(model, torch.zeros(cfg.num_samples, *x_test.shape[1:], device=x_test.device), model.binary, rng, progress=True)
-    samples = levels_to_unit(v, model.binary).cpu()
-    common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
-    torch.save(samples, Path(cfg.out) / "samples.pt")
-    print(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
+    start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
+    rng = torch.Generator(x_test.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())
+    v = sample(model, torch.zeros(n, *x_test.shape[1:], device=x_test.device), model.binary, rng, progress=True)
+    samples = common.gather_cat(levels_to_unit(v, model.binary).cpu())
+    if common.is_main():
+        common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
+        torch.save(samples, Path(cfg.out) / "samples.pt")
+    common.say(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
 
 
 def complete(cfg, n=8, draws=3):
     """Rows of the grid: originals, the top halves the model is given, then `draws` completions each."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     model, x_test, _ = load_for_inference(cfg)
     v = eval_pixels(x_test[:n], model.binary).float()
     H = v.shape[2]
@@ -459,6 +463,8 @@ def complete(cfg, n=8, draws=3):
 def receptive_field_picture(cfg, size=(1, 28, 28)):
     """Untrained Row LSTM and Diagonal BiLSTM networks of this config; white where the gradient of the red
     output pixel with respect to the input is nonzero. The structure, not the weights, sets the field."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     r, c = size[1] * 2 // 3, size[2] // 2
     panels = []
     for arch in ("row", "diag"):

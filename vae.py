@@ -144,6 +144,13 @@ class VAE(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
+    def forward(self, x):
+        """The training pass: (mu, logvar) of q(z|x) and the decoder's output for one z ~ q(z|x), drawn by
+        `reparameterize` (with the loss, below). Going through forward() lets DDP average its gradients."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar)  # the global generator: restored by --resume, untouched by evaluations
+        return mu, logvar, self.decoder(z)
+
     def log_px_given_z(self, net_out, x):
         """log p_theta(x|z) in nats per image, from the decoder's output (logits, or means and log-scales)."""
         if self.binary:
@@ -197,9 +204,8 @@ def eval_images(model, x_uint8):
 
 def loss_fn(model, x, beta=1.0):
     """Negative ELBO = reconstruction -E_q[log p(x|z)] (one z per image) + beta * KL(q(z|x) || p(z))."""
-    mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar)  # the global generator: restored by --resume, untouched by evaluations
-    rec = -model.log_px_given_z(model.decoder(z), x).float()  # one-sample estimate of -E_q[log p(x|z)]
+    mu, logvar, net_out = model(x)  # z = mu + sigma * eps inside, one z per image
+    rec = -model.log_px_given_z(net_out, x).float()  # one-sample estimate of -E_q[log p(x|z)]
     kl = kl_to_prior(mu.float(), logvar.float())
     loss = (rec + beta * kl).mean()
     figures = dict(loss=loss, rec=rec.mean(), kl=kl.mean(), neg_elbo=(rec + kl).mean())
@@ -266,15 +272,15 @@ def evaluate(cfg):
     """On the test set: -ELBO, the IW estimate of -log p(x) with K = --iw-samples, and their gap, which estimates
     KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data)."""
     model, x_test, _ = load_for_inference(cfg)
-    x = eval_images(model, x_test[:cfg.eval_n or None])
-    rng = torch.Generator(x.device).manual_seed(cfg.seed)
+    x, part = eval_images(model, x_test[:cfg.eval_n or None]), common.shard(len(x_test[:cfg.eval_n or None]))
+    rng = torch.Generator(x.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())  # rank r: its own z
     per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
-    elbo, iw = [], []
-    for i in tqdm(range(0, len(x), per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch"):
-        e, w = elbo_and_iw(model, x[i:i + per_batch], cfg.iw_samples, cfg.eval_chunk, rng)
-        elbo.append(e)
-        iw.append(w)
-    neg_elbo, iw_nll = -torch.cat(elbo).mean().item(), -torch.cat(iw).mean().item()
+    sums = torch.zeros(2, dtype=torch.float64)  # sum of the ELBOs, sum of the IW estimates, over this rank's share
+    for i in tqdm(range(part.start, part.stop, per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch",
+                  disable=not common.is_main()):
+        e, w = elbo_and_iw(model, x[i:min(i + per_batch, part.stop)], cfg.iw_samples, cfg.eval_chunk, rng)
+        sums += torch.stack([e.double().sum(), w.double().sum()]).cpu()
+    neg_elbo, iw_nll = (-common.sum_over_ranks(sums) / len(x)).tolist()
     rows = {"negative ELBO (nats/image)": neg_elbo, "IW NLL -log p(x) (nats/image)": iw_nll,
             "gap KL(q(z|x) || p(z|x)), IW estimate (nats/image)": neg_elbo - iw_nll}
     if not model.binary:  # 8-bit colour: also in bits per sub-pixel, the unit papers report
@@ -295,22 +301,24 @@ def train(cfg):
     x_test = eval_images(model, x_test[:1000])  # the test-ELBO figure of the log: 1000 fixed test images
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
+    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
     out = common.start_run(cfg)
     step = common.load_checkpoint(out / "ckpt.pt", "vae", data_rng, model=model, opt=opt) if cfg.resume else 0
     common.check_resume(cfg, step)
+    forward_model = common.ddp(model)  # under torchrun, DDP averages the gradients over the ranks
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn  # compiling the function keeps state_dict keys
-    print(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.model.arch}, z {cfg.model.z_dim}, "
+    common.say(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.model.arch}, z {cfg.model.z_dim}, "
           f"{'binarized' if model.binary else '8-bit'} {tuple(x_train.shape[1:])}, {device}")
     start, log = step, common.Logger(out, cfg.steps, step)
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "vae", cfg, step, rng, model=model, opt=opt)
     with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.requested:
+        while step < cfg.steps and not ctrl_c.stopping():
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            x = prepare(model, common.random_batch(x_train, cfg.batch_size, data_rng), data_rng)
+            x = prepare(model, common.random_batch(x_train, batch_size, data_rng), data_rng)
             with common.autocast(device, cfg.precision):
-                loss, figures = step_loss(model, x, cfg.beta)
+                loss, figures = step_loss(forward_model, x, cfg.beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             figures["grad_norm"] = nn.utils.get_total_norm([p.grad for p in model.parameters()])  # not clipped
@@ -322,7 +330,7 @@ def train(cfg):
             log.count(cfg.batch_size)
             if not model.binary:  # 8-bit colour: the bound also in bits per sub-pixel, the unit papers report
                 figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["neg_elbo"], math.prod(model.shape))
-            pictures = step % cfg.sample_every == 0 or step == cfg.steps
+            pictures = (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main()
             if pictures:  # logged on this step's line; the same z at every evaluation, from a generator of its own
                 test_neg_elbo = common.run_safely("the test ELBO", lambda: mean_neg_elbo(
                     model, x_test, torch.Generator(device).manual_seed(cfg.seed)))
@@ -336,7 +344,7 @@ def train(cfg):
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
-    print(f"done: {out}")
+    common.say(f"done: {out}")
 
 
 # ----------------------------------------------------------------------------- the other modes: samples and pictures
@@ -389,6 +397,8 @@ def latent_scatter(model, x, y, size=400, lim=4.0):
 def sample_from_checkpoint(cfg):
     """samples.png (the first 256) and samples.pt from the prior; reconstructions.png and interpolation.png of test
     images; with z_dim 2 also manifold.png and latents.png."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
     model, x_test, y_test = load_for_inference(cfg)
     out, x = Path(cfg.out), eval_images(model, x_test)
     start, rng = time.time(), torch.Generator().manual_seed(cfg.seed)
