@@ -256,21 +256,13 @@ def is_main():
 
 def ddp(model):
     """The model wrapped in DistributedDataParallel under torchrun (its gradients averaged over the ranks in
-    backward()), or the model itself. The wrapper answers the model's own attributes too (model.binary ...)."""
-    return DDP(model) if distributed() else model
-
-
-class DDP(torch.nn.parallel.DistributedDataParallel):
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
+    backward()), or the model itself. Only call the wrapper; read attributes from the model."""
+    return torch.nn.parallel.DistributedDataParallel(model) if distributed() else model
 
 
 def unwrap(model):
     """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, DDP) else model
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def say(*args):
@@ -709,8 +701,9 @@ def report(out, title, rows, **extra):
     if not is_main():
         return result
     print(title)
+    width = max(map(len, rows))
     for name, value in rows.items():
-        print(f"  {name:52s} {value:10.4f}")
+        print(f"  {name:{width}s} {value:10.4f}")
     atomic_write_text(Path(out) / "eval.json", json.dumps(result, indent=2))
     return result
 

@@ -298,19 +298,21 @@ def levels_to_unit(v, binary):
 # ----------------------------------------------------------------------------- the loss: the exact NLL
 
 def logits(model, x, y=None):
-    """B x C x levels x H x W: the parameters of p(x_i | x_<i) for every sub-pixel i at once."""
-    return pixel_logits(model(x, y).float(), model.colors, model.binary)
+    """B x C x levels x H x W: the parameters of p(x_i | x_<i) for every sub-pixel i at once. The colours and the
+    binarization are read off the data (common.is_binary), so `model` may be wrapped (DDP, torch.compile)."""
+    colors = x.shape[1]
+    return pixel_logits(model(x, y).float(), colors, common.is_binary(colors))
 
 
 def nll(model, x, y=None):
     """-log p(x) = -sum_i log p(x_i | x_1 .. x_{i-1}) in nats per image: exact, one network pass."""
-    return pixel_nll(logits(model, x, y), x, model.binary)
+    return pixel_nll(logits(model, x, y), x, common.is_binary(x.shape[1]))
 
 
 def loss_fn(model, x, y=None):
     per_image = nll(model, x, y)
     figures = dict(nll=per_image.mean().item())
-    if not model.binary:
+    if not common.is_binary(x.shape[1]):
         figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["nll"], x[0].numel())
     return per_image.mean(), figures
 

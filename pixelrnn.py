@@ -287,7 +287,7 @@ def net_input(v, binary, dtype=torch.float32):
 
 def nll(model, v, binary):
     """-log p(x) in nats per image (a B-vector): one forward pass, the chain rule summed over all sub-pixels."""
-    logits = model(net_input(v, binary, model.input.weight.dtype))
+    logits = model(net_input(v, binary, next(model.parameters()).dtype))  # `model` may be wrapped (DDP, compile)
     return pixel_nll(logits if logits.dtype == torch.float64 else logits.float(), v, binary)  # fp32 under bf16
 
 

@@ -18,11 +18,13 @@ def commands(text):
     found = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            if not re.match(r"\s*([A-Z_]+=\S+\s+)*python ", line):
+            if not re.match(r"\s*([A-Z_]+=\S+\s+)*(python|torchrun) ", line):
                 continue
             words = shlex.split(line, comments=True)
             while words and "=" in words[0]:  # an environment variable before the command: OMP_NUM_THREADS=1
                 words = words[1:]
+            if words and words[0] == "torchrun":  # torchrun's own options, then the script and its flags
+                words = ["python"] + words[next((i for i, w in enumerate(words) if w.endswith(".py")), len(words)):]
             if len(words) >= 2 and words[0] == "python" and words[1].removesuffix(".py") in SCRIPTS:
                 found.append((words[1].removesuffix(".py"), words[2:]))
     return found
@@ -48,6 +50,7 @@ def test_the_parser_accepts_the_command(script, argv):
     common.parse_flags(module.ModelConfig, module.Config, argv)
 
 
-def test_the_extraction_sees_continuations_and_comments():
-    text = "```bash\nA=1 python vae.py --steps 5 \\\n    --lr 0.1   # a comment\necho no\n```\n"
-    assert commands(text) == [("vae", ["--steps", "5", "--lr", "0.1"])]
+def test_the_extraction_sees_continuations_comments_and_torchrun():
+    text = ("```bash\nA=1 python vae.py --steps 5 \\\n    --lr 0.1   # a comment\necho no\n"
+            "torchrun --standalone --nproc_per_node=4 gan.py --eval\n```\n")
+    assert commands(text) == [("vae", ["--steps", "5", "--lr", "0.1"]), ("gan", ["--eval"])]
