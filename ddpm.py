@@ -14,7 +14,7 @@ with closed forms; in practice the bound's denoising terms reduce to predicting 
               L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
 Run:
-    python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU (13 min), full on a GPU
+    python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU (10-13 min), full on a GPU
     python ddpm.py --sample                 # from runs/ddpm-mnist: no model flag, the checkpoint has them
     python ddpm.py --eval --eval-n 200      # the bound in bits/dim and its three parts
     python ddpm.py --preset full --out runs/ddpm-full   # the 6.5M-parameter U-Net on any device
@@ -63,7 +63,7 @@ class Config(common.RunConfig):
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, a 6.5M-parameter U-Net for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, a 1.1M-parameter U-Net for 4000 steps of 32: about 13 min on 2 CPU cores",
+    "quick": dict(about="the quick run, a 1.1M-parameter U-Net for 4000 steps of 32: 10-13 min on 2 CPU cores",
                 options=dict(channels=32, num_res_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, warmup=200,
                              ema_decay=0.995, sampler="ddim", sample_every=1000, steps=4000)),
 }

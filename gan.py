@@ -54,7 +54,7 @@ class Config(common.RunConfig):
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, DCGAN 64/64 channels for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, DCGAN 32/32 channels for 12k steps of 64: about 7 min on 2 CPU cores",
+    "quick": dict(about="the quick run, DCGAN 32/32 channels for 12k steps of 64: 7-8 min on 2 CPU cores",
                 options=dict(g_channels=32, d_channels=32, batch_size=64, steps=12000, sample_every=2000)),
 }
 

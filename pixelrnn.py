@@ -12,7 +12,7 @@ forward pass scores a whole image; sampling has to go pixel by pixel.
     c_i = f_i . c_{i-1} + i_i . g_i,      h_i = o_i . tanh(c_i)                       (paper eq. 3)
 
 Run:
-    python pixelrnn.py                      # the recipe for the device: quick on a CPU (13 min), full on a GPU
+    python pixelrnn.py                      # the recipe for the device: quick on a CPU (12-13 min), full on a GPU
     python pixelrnn.py --arch row --out runs/pixelrnn-row   # Row LSTM
     python pixelrnn.py --eval               # exact NLL on the whole test set (nats/image, bits/dim)
     python pixelrnn.py --sample             # samples.png, samples.pt
@@ -57,7 +57,7 @@ PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU 
     "full": dict(about="the full model, 7 Diagonal BiLSTM layers with h = 48 for 40k steps of 64, sized for one GPU",
                 options={}),
     "quick": dict(about="the quick run, 2 Diagonal BiLSTM layers with h = 16 for 11 minutes, then 16 samples and the "
-                      "exact test NLL: about 13 min on 2 CPU cores",
+                      "exact test NLL: 12-13 min on 2 CPU cores",
                 options=dict(layers=2, hidden=16, head=32, batch_size=32, lr=2e-3, steps=100000, max_minutes=11.0,
                              log_every=50, ckpt_every=500, sample_every=1000000, num_samples=16)),
 }

@@ -74,9 +74,12 @@ for step in range(5):
     opt.step()
 if common.is_main():
     torch.save(model.state_dict(), sys.argv[1])
-if common.distributed():
-    torch.distributed.barrier()  # both ranks done before the group is taken down
+if common.distributed():  # as common.entry ends a torchrun process
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    import os
+    os._exit(0)
 """
 
 
