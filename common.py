@@ -331,12 +331,15 @@ def maybe_compile(model, cfg):
     return torch.compile(model) if cfg.compile else model
 
 
-RANK_STRIDE = 7919  # rank r of a torchrun job draws from seed + 7919 r: its own numbers; rank 0 those of one process
+def rank_seed(seed):
+    """The seed of this process: rank r of a torchrun job draws from seed + 7919 r, its own numbers; rank 0 (and
+    a plain `python` run) from seed itself."""
+    return seed + 7919 * rank()
 
 
 def seed_everything(seed):
-    torch.manual_seed(seed + RANK_STRIDE * rank())  # seeds the CPU and every CUDA device
-    np.random.seed(seed + RANK_STRIDE * rank())
+    torch.manual_seed(rank_seed(seed))  # seeds the CPU and every CUDA device
+    np.random.seed(rank_seed(seed))
 
 
 # ----------------------------------------------------------------------------- data
@@ -446,7 +449,7 @@ def random_batch(x, batch_size, generator, y=None):
 
 def data_generator(device, seed):
     """The generator of a run's batches (and binarizations): each rank of a torchrun job has its own."""
-    return torch.Generator(device=device).manual_seed(seed + RANK_STRIDE * rank())
+    return torch.Generator(device=device).manual_seed(rank_seed(seed))
 
 
 def is_binary(channels):

@@ -500,7 +500,7 @@ def evaluate(cfg):
     ema, x_test, _ = load_for_inference(cfg)
     diffusion = Diffusion(cfg.model, x_test.device)
     x_test, part = x_test[:cfg.eval_n], common.shard(min(cfg.eval_n, len(x_test)))  # under torchrun: each rank its share
-    rng = torch.Generator(x_test.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())
+    rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
     parts = torch.zeros(3, dtype=torch.float64)
     for i in tqdm(range(part.start, part.stop, cfg.batch_size), desc="the bound", disable=not common.is_main()):
         x0 = common.uint8_to_signed(x_test[i:min(i + cfg.batch_size, part.stop)])

@@ -353,7 +353,7 @@ def sample_images(cfg, model, n, shape, progress=False):
     """n new images (model values) from empty canvases, with a generator seeded by --seed: every grid of a run
     uses the same random numbers, and the training run's own never move."""
     device = next(model.parameters()).device
-    rng = torch.Generator(device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())  # rank r: its own numbers
+    rng = torch.Generator(device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own numbers
     canvas = torch.zeros(n, *shape, device=device)
     return sample(model, canvas, class_labels(cfg, n, device), rng, fast=cfg.fast, progress=progress)
 

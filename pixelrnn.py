@@ -434,7 +434,7 @@ def evaluate(cfg):
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
     start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
-    rng = torch.Generator(x_test.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())
+    rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
     v = sample(model, torch.zeros(n, *x_test.shape[1:], device=x_test.device), model.binary, rng, progress=True)
     samples = common.gather_cat(levels_to_unit(v, model.binary).cpu())
     if common.is_main():

@@ -273,7 +273,7 @@ def evaluate(cfg):
     KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data)."""
     model, x_test, _ = load_for_inference(cfg)
     x, part = eval_images(model, x_test[:cfg.eval_n or None]), common.shard(len(x_test[:cfg.eval_n or None]))
-    rng = torch.Generator(x.device).manual_seed(cfg.seed + common.RANK_STRIDE * common.rank())  # rank r: its own z
+    rng = torch.Generator(x.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own z
     per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
     sums = torch.zeros(2, dtype=torch.float64)  # sum of the ELBOs, sum of the IW estimates, over this rank's share
     for i in tqdm(range(part.start, part.stop, per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch",
