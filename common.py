@@ -622,15 +622,19 @@ class CtrlC:
 
 
 class Logger:
-    """Appends one JSON line per log to log.jsonl and prints a progress line with img/s and ETA. On --resume it
+    """Appends one JSON line per log to log.jsonl and prints a progress line with img/s and ETA. Each line has
+    wall_s, the seconds the run has taken so far (sample grids included, summed over resumes). On --resume it
     first drops the lines past the checkpoint's step (logged before a crash), so log.jsonl has one line per step."""
 
     def __init__(self, out, total_steps, start_step=0):
         self.path, self.total = Path(out) / "log.jsonl", total_steps
         self.last_step, self.last_time, self.images = start_step, time.time(), 0
+        self.wall_before = 0.0  # seconds spent by earlier processes of this run (--resume)
         if self.path.exists() and is_main():
-            lines = [json.dumps(r) for r in read_log(self.path) if r.get("step", 0) <= start_step]
-            atomic_write_text(self.path, "".join(s + "\n" for s in lines))
+            records = [r for r in read_log(self.path) if r.get("step", 0) <= start_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+            self.wall_before = max([r.get("wall_s", 0.0) for r in records], default=0.0)
+        self.start_time = self.last_time
 
     def count(self, n_images):
         self.images += n_images
@@ -644,7 +648,8 @@ class Logger:
         eta = (self.total - step) / max(steps_s, 1e-9)
         figures = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in figures.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(dict(step=step, img_per_s=round(img_s, 1), **figures)) + "\n")
+            wall = round(self.wall_before + now - self.start_time, 1)
+            f.write(json.dumps(dict(step=step, img_per_s=round(img_s, 1), wall_s=wall, **figures)) + "\n")
         figs = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
         print(f"step {step:>6}/{self.total} | {figs} | {img_s:,.0f} img/s | ETA {format_seconds(eta)}", flush=True)
         self.last_step, self.last_time, self.images = step, now, 0
@@ -670,7 +675,7 @@ def plot_curves(out):
     if not path.exists():
         raise UsageError(f"no log.jsonl in {out}; point --out at a run folder, or train one there first")
     records = read_log(path)
-    names = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "img_per_s")]
+    names = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "img_per_s", "wall_s")]
     if not names:
         raise UsageError(f"{path} holds no logged figures yet; train for at least --log-every steps")
     import matplotlib
