@@ -16,7 +16,7 @@ strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn fr
     python gan.py --sample --num-samples 10000   # samples.pt, latent interpolation, latent arithmetic
     python gan.py --eval                    # V(D, G) and D's verdicts on the test set
     python gan.py --g-loss minimax --out runs/gan-minimax   # the saturating loss of the minimax game, to compare
-    python benchmarks/bench_gan.py quality runs/gan-mnist/samples.pt   # class histogram and Frechet distance
+    python benchmarks/quality.py score runs/gan-mnist/samples.pt   # FD, precision/recall, classes
 """
 import contextlib
 import dataclasses

@@ -222,6 +222,18 @@ def test_logger_keeps_one_line_per_step_after_a_resume(tmp_path):
     assert [json.loads(s)["step"] for s in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4]
 
 
+def test_logger_wall_time_adds_up_over_resumes(tmp_path, monkeypatch):
+    """wall_s (benchmarks/compare.py's training time) counts each process's seconds once, from the kept lines."""
+    clock = iter([100.0, 130.0, 160.0, 500.0, 510.0])  # process 1: starts at 100; process 2: starts at 500
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    log = common.Logger(tmp_path, 10)
+    log.log(2, loss=1.0)  # 30 s in
+    log.log(4, loss=1.0)  # 60 s in; the crash comes before a checkpoint at 4, the checkpoint is at 2
+    log = common.Logger(tmp_path, 10, start_step=2)
+    log.log(3, loss=1.0)  # 10 s more
+    assert [r["wall_s"] for r in common.read_log(tmp_path / "log.jsonl")] == [30.0, 40.0]
+
+
 def test_ctrl_c_first_asks_then_stops(capsys):
     with common.CtrlC() as ctrl_c:
         os.kill(os.getpid(), signal.SIGINT)
