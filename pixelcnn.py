@@ -10,9 +10,10 @@ Recurrent Neural Networks", eq. 1-2):
 A convolutional network outputs all the conditionals at once if no output can see its own sub-pixel or a
 later one: masked convolutions (mask A in the first layer hides the centre pixel, mask B in later layers
 keeps it; see MaskedConv2d). Training is exact maximum likelihood, all conditionals in parallel; sampling
-is slow: one network pass per sub-pixel, H x W x C in all. Each conditional is a Bernoulli for binarized
-images (1 channel) and a 256-way softmax for 8-bit colour. Stacked 3x3 masked layers miss a wedge up and
-to the right of each pixel (the blind spot; --receptive-field pictures it).
+is slow: one network pass per sub-pixel, H x W x C in all (the cached sampler, the default, computes each
+pass at the new position only, from caches of every layer's input). Each conditional is a Bernoulli for
+binarized images (1 channel) and a 256-way softmax for 8-bit colour. Stacked 3x3 masked layers miss a wedge
+up and to the right of each pixel (the blind spot; --receptive-field pictures it).
 
 The gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders")
 removes the blind spot with a vertical stack (every row above, full width) feeding a horizontal stack (the
@@ -61,8 +62,8 @@ class Config(common.RunConfig):
     ckpt_every: int = common.opt(2000, "steps between checkpoints", "[1, inf)")
     label: int = common.opt(-1, "class to sample from a --conditional model (--sample, the grids of a run, "
                             "--complete); -1: classes 0..9 in turn (--complete: the test images' own)", "[-1, 9]")
-    fast: bool = common.opt(True, "sample by running the network only on the rows that can still change "
-                            "(--no-fast: the whole image every pass)")
+    fast: bool = common.opt(True, "sample with caches of every layer's input, computing each new sub-pixel's "
+                            "position only (--no-fast: the whole image every pass; the same images)")
     eval_n: int = common.opt(0, "test images for --eval and the end-of-run NLL (0 = all)", "[0, inf)")
     complete: bool = common.opt(False, "sample the bottom half of test images given their top half",
                                 mode="checkpoint")
@@ -168,10 +169,18 @@ class ResidualBlock(nn.Module):
         self.embed = nn.Embedding(NUM_CLASSES, ch // 2) if conditional else None
 
     def forward(self, x, y):
+        return self.expand(x, self.conv2(self.reduce(x, y)))
+
+    def reduce(self, x, y):
+        """ReLU, 1x1 (2h -> h), the label, ReLU: the input of the 3x3 conv (what the cached sampler keeps)."""
         h = self.conv1(F.relu(x))
         if self.embed is not None:
             h = h + self.embed(y)[:, :, None, None]  # a per-channel bias per class: the label is no pixel, any layer may see it
-        return x + self.conv3(F.relu(self.conv2(F.relu(h))))
+        return F.relu(h)
+
+    def expand(self, x, h):
+        """ReLU, 1x1 (h -> 2h) of the 3x3 conv's output, added to the block's input."""
+        return x + self.conv3(F.relu(h))
 
 
 def output_head(ch, colors, levels):
@@ -189,7 +198,6 @@ class PixelCNN(nn.Module):
         self.stem = MaskedConv2d(colors, ch, 7, "A", colors)
         self.blocks = nn.ModuleList(ResidualBlock(ch, colors, conditional) for _ in range(layers))
         self.head = output_head(ch, colors, pixel_levels(self.binary))
-        self.rows_above = 7 // 2 + layers * (3 // 2)  # how far up an output's receptive field reaches (fast sampler)
 
     def forward(self, x, y=None):
         h = self.stem(scale_input(x, self.binary))
@@ -233,11 +241,20 @@ class GatedLayer(nn.Module):
         k = self.k
         v_pre = self.v_conv(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # output row i sees input rows i-k//2 .. i
         h_pre = self.h_conv(h) + self.v_to_h(down_shift(v_pre))
-        if self.embed is not None:
-            cv, ch_ = self.embed(y)[:, :, None, None].chunk(2, dim=1)
-            v_pre, h_pre = v_pre + cv, h_pre + ch_
-        h_new = self.h_out(gate(h_pre, self.colors))
-        return gate(v_pre, self.colors), (h + h_new if self.residual else h_new)
+        return self.vertical(v_pre, y), self.horizontal(h, h_pre, y)
+
+    def label_bias(self, y):
+        """V_v^T y and V_h^T y, the label's biases of the two stacks (zeros without --conditional)."""
+        return self.embed(y)[:, :, None, None].chunk(2, dim=1) if self.embed is not None else (0, 0)
+
+    def vertical(self, v_pre, y):
+        """v' = gate(V * v + V_v^T y), from v_pre = V * v."""
+        return gate(v_pre + self.label_bias(y)[0], self.colors)
+
+    def horizontal(self, h, h_pre, y):
+        """h' = h + 1x1(gate(h_pre + V_h^T y)) (no h + in the first layer), h_pre = H * h + 1x1(down_shift(V * v))."""
+        h_new = self.h_out(gate(h_pre + self.label_bias(y)[1], self.colors))
+        return h + h_new if self.residual else h_new
 
 
 class GatedPixelCNN(nn.Module):
@@ -249,7 +266,6 @@ class GatedPixelCNN(nn.Module):
         self.layers = nn.ModuleList([GatedLayer(colors, ch, 7, "A", colors, conditional)] +
                                     [GatedLayer(ch, ch, 3, "B", colors, conditional) for _ in range(layers)])
         self.head = output_head(ch, colors, pixel_levels(self.binary))
-        self.rows_above = 7 // 2 + layers * (3 // 2) + 1  # + 1 for the down-shift into the horizontal stack
 
     def forward(self, x, y=None):
         v = h = scale_input(x, self.binary)
@@ -322,20 +338,115 @@ def loss_fn(model, x, y=None):
 @torch.no_grad()
 def sample(model, x, y, rng, start_row=0, fast=True, progress=False):
     """Fill rows start_row.. of x (B x C x H x W pixel values) in raster order, sub-pixel by sub-pixel:
-    x_i ~ p(x_i | x_1 .. x_{i-1}), one network pass per sub-pixel (H x W x C passes in all).
-
-    fast: an output in row r depends only on input rows r - rows_above .. r, so the network runs on that
-    window instead of the whole image. Each layer's wrong values at the window's top edge (zero padding
-    instead of the rows above) move down one layer at a time and never reach row r: the logits, and so
-    the samples for the same random numbers, are those of the whole-image pass."""
+    x_i ~ p(x_i | x_1 .. x_{i-1}). The naive sampler, the reference (fast=False), runs the network on the whole
+    image for every sub-pixel, H x W x C passes in all; fast=True is the cached sampler below: the same logits,
+    the same random numbers in the same order, so the same images."""
+    if fast:
+        return sample_cached(model, x, y, rng, start_row, progress)
     x = x.clone()
     b, c, h, w = x.shape
     for r in tqdm(range(start_row, h), desc="sampling rows", leave=False, disable=not progress):
-        top, bottom = (max(0, r - model.rows_above), r + 1) if fast else (0, h)  # rows below r cannot matter yet
         for col in range(w):
             for ch in range(c):  # R, then G (seeing R), then B (seeing R, G)
-                pixel = logits(model, x[:, :, top:bottom], y)[:, ch:ch + 1, :, r - top, col]  # B x 1 x levels
+                pixel = logits(model, x, y)[:, ch:ch + 1, :, r, col]  # B x 1 x levels
                 x[:, ch, r, col] = sample_pixel(pixel, model.binary, rng)[:, 0]
+    return x
+
+
+# ----------------------------------------------------------------------------- the cached sampler
+
+PAD = 3  # every cache is zero padded by 3 (the 7x7 kernels' reach) on all sides: pixel (r, c) is at (r + 3, c + 3)
+
+
+def zero_cache(image, channels):
+    """A layer's input map before anything is computed: zeros (padding included) of the padded image's size."""
+    return image.new_zeros(image.shape[0], channels, *image.shape[2:])
+
+
+def conv_at(conv, cache, r, c):
+    """A MaskedConv2d's output at (r, c) alone, B x out x 1 x 1: its masked kernel on the patch of its input cache
+    centred there, the sum the whole-image convolution computes there."""
+    kh, kw = conv.kernel_size
+    patch = cache[:, :, r + PAD - kh // 2:r + PAD + kh // 2 + 1, c + PAD - kw // 2:c + PAD + kw // 2 + 1]
+    return F.conv2d(patch, conv.weight * conv.mask, conv.bias)
+
+
+class CachedPixelCNN:
+    """The plain PixelCNN at one position: the 7x7 stem and each block's 3x3 conv read caches of their input
+    maps; every other layer is 1x1, position by position."""
+
+    def __init__(self, model, image, y):
+        self.model, self.image, self.y = model, image, y  # image: the stem's input
+        self.maps = [zero_cache(image, block.conv2.in_channels) for block in model.blocks]  # each 3x3 conv's input
+
+    def new_row(self, r):
+        pass  # every layer is computed position by position
+
+    def features_at(self, r, c):
+        """The last block's output at (r, c), B x ch x 1 x 1; each block's 3x3 input at (r, c) goes into its cache."""
+        h = conv_at(self.model.stem, self.image, r, c)
+        for block, cache in zip(self.model.blocks, self.maps):
+            cache[:, :, r + PAD, c + PAD] = block.reduce(h, self.y)[:, :, 0, 0]  # this and later 3x3 patches read it
+            h = block.expand(h, conv_at(block.conv2, cache, r, c))
+        return h
+
+
+class CachedGatedPixelCNN:
+    """The gated PixelCNN: the vertical stack row by row, the horizontal stack position by position. Vertical
+    outputs at row i see input rows <= i (full width) and reach the horizontal stack only down-shifted, in row
+    i + 1: so once row r - 1 is complete, new_row(r) computes every layer's V * v at row r - 1. The horizontal
+    convs are 1 x k, on row r only."""
+
+    def __init__(self, model, image, y):
+        self.model, self.y = model, y
+        ch = [layer.h_out.out_channels for layer in model.layers]
+        self.v = [image] + [zero_cache(image, n) for n in ch]  # v[l]: layer l's vertical input (the last one unread)
+        self.h = [image] + [zero_cache(image, n) for n in ch]  # h[l]: layer l's horizontal input (the last one unread)
+
+    def new_row(self, r):
+        """self.above[l]: 1x1(down_shift(V * v)) of layer l in row r, from V * v in row r - 1 (zeros above row 0)."""
+        self.above = []
+        for layer, v, v_next in zip(self.model.layers, self.v, self.v[1:]):
+            k, w = layer.k, v.shape[3] - 2 * PAD
+            if r == 0:
+                v_pre = v.new_zeros(v.shape[0], layer.v_conv.out_channels, 1, w)  # the zero row down_shift brings in
+            else:
+                rows = v[:, :, r - 1 + PAD - k // 2:r + PAD, PAD - k // 2:PAD + w + k // 2]  # rows r-1-k//2 .. r-1
+                v_pre = layer.v_conv(rows)  # 1 x W: row r - 1 of V * v, as the whole-image pass has it
+                v_next[:, :, r - 1 + PAD, PAD:PAD + w] = layer.vertical(v_pre, self.y)[:, :, 0]  # later rows read it
+            self.above.append(layer.v_to_h(v_pre))
+
+    def features_at(self, r, c):
+        """The last layer's h at (r, c), B x ch x 1 x 1; each layer's h at (r, c) goes into the next one's cache."""
+        h = None  # the input of layer 0's residual, which it has not (mask A)
+        for layer, cache, h_next, above in zip(self.model.layers, self.h, self.h[1:], self.above):
+            h = layer.horizontal(h, conv_at(layer.h_conv, cache, r, c) + above[:, :, :, c:c + 1], self.y)
+            h_next[:, :, r + PAD, c + PAD] = h[:, :, 0, 0]  # the next layer's 1 x k patches at (r, c) and on read it
+        return h
+
+
+def sample_cached(model, x, y, rng, start_row, progress):
+    """The naive sampler's loop over caches (Ramachandran et al. 2017, "Fast Generation for Convolutional
+    Autoregressive Models"). An output at (r, c) needs each layer's input only at positions up to (r, c) in
+    raster order, all computed by then: so every layer keeps a cache of its input map (zero padded, as the
+    whole-image pass pads), and each new sub-pixel computes every layer at (r, c) alone, from a patch of that
+    cache, writing the result into the next layer's cache. A pixel costs one position's work, not H x W's."""
+    x = x.clone()
+    b, c, h, w = x.shape
+    image = F.pad(scale_input(x, model.binary), (PAD,) * 4)  # the network's input, kept equal to that of x
+    net = (CachedPixelCNN if isinstance(model, PixelCNN) else CachedGatedPixelCNN)(model, image, y)
+    for r in range(start_row):  # the given rows go through the caches as drawn ones do, nothing drawn
+        net.new_row(r)
+        for col in range(w):
+            net.features_at(r, col)
+    for r in tqdm(range(start_row, h), desc="sampling rows", leave=False, disable=not progress):
+        net.new_row(r)
+        for col in range(w):
+            for ch in range(c):  # R, then G, then B: (r, col) recomputed each time, with the colours drawn so far
+                out = model.head(net.features_at(r, col)).float()  # B x C*levels x 1 x 1, as logits() computes it
+                pixel = pixel_logits(out, c, model.binary)[:, ch:ch + 1, :, 0, 0]  # B x 1 x levels
+                x[:, ch, r, col] = sample_pixel(pixel, model.binary, rng)[:, 0]
+                image[:, ch, r + PAD, col + PAD] = scale_input(x[:, ch, r, col], model.binary)  # later steps see it
     return x
 
 
@@ -466,7 +577,7 @@ def sample_from_checkpoint(cfg):
     if common.is_main():
         common.save_grid(x[:256], Path(cfg.out) / "samples.png")
         torch.save(x, Path(cfg.out) / "samples.pt")
-    common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} network passes, {'fast' if cfg.fast else 'naive'} "
+    common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} sub-pixels in turn, {'cached' if cfg.fast else 'naive'} "
           f"sampler) -> {cfg.out}/samples.png, samples.pt")
 
 
