@@ -49,6 +49,8 @@ class Config(common.RunConfig):
     sample_every: int = common.opt(2000, "steps between sample grids (each costs H*W*C network passes)", "[1, inf)")
     max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says (0 = no limit)", "[0, inf)")
     eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", "[0, inf)")
+    fast: bool = common.opt(True, "sample with the recurrent states carried from pixel to pixel (--no-fast: the "
+                            "network on every row so far for each sub-pixel; the same images)")
     complete: bool = common.opt(False, "complete the bottom half of test images with the checkpoint", mode="checkpoint")
     receptive_field: bool = common.opt(False, "draw both layers' receptive fields (untrained weights)", mode="alone")
 
@@ -137,13 +139,19 @@ def lstm_scan(x_gates, w_ss, b_ss, before, after):
     for x_t in x_gates.unbind(0):  # unbind, not x_gates[t]: indexing's backward would write a full-size zero tensor per step
         padded = F.pad(h, (0, 0, before, after))  # pad along L
         neighbours = torch.cat([padded[:, k:k + L] for k in range(before + after + 1)], dim=2)  # N x L x k*h
-        z = x_t + torch.matmul(neighbours, w_ss.to(x_t.dtype)) + b_ss  # K^is (*) x_t + K^ss (*) h_{t-1}: 4 x N x L x h
-        o, f, i = torch.sigmoid(z[:3]).unbind(0)
-        g = torch.tanh(z[3])
-        c = f * c + i * g  # c_t = f_t . c_{t-1} + i_t . g_t
-        h = o * torch.tanh(c)  # h_t = o_t . tanh(c_t)
+        h, c = lstm_cell(x_t, neighbours, w_ss, b_ss, c)
         hs.append(h)
     return torch.stack(hs)  # T x N x L x h
+
+
+def lstm_cell(x_t, neighbours, w_ss, b_ss, c):
+    """One update of eq. (3) for N x L positions: x_t = K^is (*) x (4 x N x L x h), neighbours = the previous
+    step's states that K^ss reads (N x L x k*h), c = the cell state they carry on. Returns the new (h, c)."""
+    z = x_t + torch.matmul(neighbours, w_ss.to(x_t.dtype)) + b_ss  # K^is (*) x_t + K^ss (*) h_{t-1}: 4 x N x L x h
+    o, f, i = torch.sigmoid(z[:3]).unbind(0)
+    g = torch.tanh(z[3])
+    c = f * c + i * g  # c_t = f_t . c_{t-1} + i_t . g_t
+    return o * torch.tanh(c), c  # h_t = o_t . tanh(c_t)
 
 
 class StateToState(nn.Module):
@@ -292,15 +300,147 @@ def nll(model, v, binary):
 
 
 @torch.no_grad()
-def sample(model, v, binary, rng, start_row=0, progress=False):
-    """Fill rows start_row.. of v (B x C x H x W pixel values) one sub-pixel at a time, in raster order. The
-    network is causal, so the logits of row r depend only on rows <= r: it runs on v[:, :, :r+1]."""
+def sample(model, v, binary, rng, start_row=0, fast=True, progress=False):
+    """Fill rows start_row.. of v (B x C x H x W pixel values) one sub-pixel at a time, in raster order:
+    x_i ~ p(x_i | x_<i). The plain sampler (fast=False), the reference, runs the network on rows 0..r for every
+    sub-pixel of row r (it is causal, so rows below cannot matter); fast=True carries the recurrent state instead
+    (sample_carried, below): the same logits, so the same images for the same random numbers."""
+    if fast:
+        return sample_carried(model, v, binary, rng, start_row, progress)
     v = v.clone()
     for r in tqdm(range(start_row, v.shape[2]), desc="sampling rows", leave=False, disable=not progress):
         for c in range(v.shape[3]):
             for ch in range(v.shape[1]):  # R, then G given R, then B given R and G
                 logits = model(net_input(v[:, :, :r + 1], binary, model.input.weight.dtype))[:, ch:ch + 1, :, r, c]
                 v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
+    return v
+
+
+# ----------------------------------------------------------------------------- sampling with the state carried
+
+PAD = 3  # the stem's half-width: the input caches are zero padded by it, so a 7x7 patch fits at every pixel
+
+
+def conv_at(conv, cache, r, c):
+    """A MaskedConv2d's output at (r, c) alone, B x out x 1 x 1: its masked kernel on the patch of its input cache
+    (padded by PAD) centred there, the sum the whole-map convolution computes there."""
+    kh, kw = conv.kernel_size
+    patch = cache[:, :, r + PAD - kh // 2:r + PAD + kh // 2 + 1, c + PAD - kw // 2:c + PAD + kw // 2 + 1]
+    return F.conv2d(patch, conv.weight * conv.mask, conv.bias)
+
+
+def gates_at(x_is, colors):
+    """K^is (*) x at one position, B x 4h x 1 x 1 -> lstm_scan's layout 4 x B x 1 x h (in fp32 there too)."""
+    g = scan_layout(x_is, colors, 2)[0]
+    return g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
+
+
+class RowLSTMState:
+    """A Row LSTM layer carried down the image. h at (r, c) needs K^is on row r (its input at c-1, c: kept in a
+    cache) and the row above's h at c-1..c+1 and c at c (kept): one cell update per new position."""
+
+    def __init__(self, lstm, n, H, Wp, dtype):
+        self.lstm, h, k = lstm, lstm.state_to_state.w.shape[-1], lstm.k
+        state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
+        self.x = lstm.state_to_state.w.new_zeros(n, lstm.input_to_state.in_channels, H + 2 * PAD, Wp + 2 * PAD, dtype=dtype)
+        self.h = self.x.new_zeros(n, H + 1, Wp + 2 * (k // 2), h, dtype=state)  # [r + 1, c + k//2]: zero above and beside
+        self.c = self.x.new_zeros(n, H + 1, Wp, h, dtype=state)  # [r + 1, c]
+
+    def begin_row(self, r):
+        pass
+
+    def at(self, x, r, c):
+        """The layer's LSTM output at (r, c), B x h x 1 x 1, from its input there (B x 2h x 1 x 1)."""
+        self.x[:, :, r + PAD, c + PAD] = x[:, :, 0, 0]  # K^is at (r, c + 1) reads it too
+        x_t = gates_at(conv_at(self.lstm.input_to_state, self.x, r, c), self.lstm.colors)
+        k, n = self.lstm.k, x.shape[0]
+        above = self.h[:, r, c:c + k].reshape(n, 1, -1)  # row r - 1 at c - k//2 .. c + k//2: K^ss's neighbours
+        h, cell = lstm_cell(x_t, above, self.lstm.state_to_state.w, self.lstm.state_to_state.b, self.c[:, r, c][:, None])
+        self.h[:, r + 1, c + k // 2], self.c[:, r + 1, c] = h[:, 0], cell[:, 0]
+        return h.permute(0, 2, 1)[..., None]
+
+    def end_row(self, r):
+        pass
+
+
+class DiagonalBiLSTMState:
+    """A Diagonal BiLSTM layer carried down the image. The forward direction's state at (r, c) needs (r-1, c),
+    (r, c-1) and K^is at (r, c): one cell update per new position. The backward direction's state at (r, c)
+    needs (r-1, c) and (r, c+1), so the whole row to its right; it reaches the output only shifted down a row, so
+    once row r is complete one right-to-left sweep computes its states, which row r + 1 reads. (Both directions
+    also run over the skewed map's cells beyond the image edge, whose K^is is zero; they are computed too.)"""
+
+    def __init__(self, bilstm, n, H, Wp, dtype):
+        self.fwd, self.bwd, self.H, self.Wp = bilstm.forward_dir, bilstm.backward_dir, H, Wp
+        h, w = self.fwd.state_to_state.w.shape[-1], self.fwd.state_to_state.w
+        state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
+        # [direction][r + 1, c + H]: row -1 and the cells before the skewed map starts (c < -r) stay zero
+        self.h = [w.new_zeros(n, H + 1, H + Wp, h, dtype=state) for _ in range(2)]
+        self.c = [w.new_zeros(n, H + 1, H + Wp, h, dtype=state) for _ in range(2)]
+        self.row = w.new_zeros(n, self.fwd.input_to_state.in_channels, 1, Wp, dtype=dtype)  # the input along row r
+
+    def cell(self, d, lstm, x_t, r, c):
+        """Direction d's state at (r, c) of its own map (the backward one's is mirrored): from (r-1, c), (r, c-1)."""
+        hs, cs, j = self.h[d], self.c[d], c + self.H
+        neighbours = torch.cat([hs[:, r, j], hs[:, r + 1, j - 1]], 1)[:, None]  # lstm_scan's order: row r-1, then r
+        h, cell = lstm_cell(x_t, neighbours, lstm.state_to_state.w, lstm.state_to_state.b, cs[:, r + 1, j - 1][:, None])
+        hs[:, r + 1, j], cs[:, r + 1, j] = h[:, 0], cell[:, 0]
+        return h
+
+    def begin_row(self, r):
+        zero = self.h[0].new_zeros(4, self.row.shape[0], 1, self.h[0].shape[-1])
+        for c in range(-r, 0):  # the forward map's cells left of the image in row r (K^is = 0 there)
+            self.cell(0, self.fwd, zero, r, c)
+
+    def at(self, x, r, c):
+        self.row[:, :, 0, c] = x[:, :, 0, 0]  # the backward sweep of row r reads it
+        h = self.cell(0, self.fwd, gates_at(self.fwd.input_to_state(x), self.fwd.colors), r, c)
+        below = self.h[1][:, r, self.Wp - 1 - c + self.H]  # the backward state of (r - 1, c): the shift down a row
+        return (h + below[:, None]).permute(0, 2, 1)[..., None]
+
+    def end_row(self, r):
+        x_is = self.bwd.input_to_state(self.row.flip(3))  # K^is along row r, mirrored: B x 4h x 1 x Wp
+        zero = self.h[1].new_zeros(4, x_is.shape[0], 1, self.h[1].shape[-1])
+        for m in range(-r, self.Wp):  # mirrored columns, right to left in the image
+            self.cell(1, self.bwd, zero if m < 0 else gates_at(x_is[..., m:m + 1], self.bwd.colors), r, m)
+
+
+def sample_carried(model, v, binary, rng, start_row, progress):
+    """The plain sampler's loop with every layer's state carried from pixel to pixel: for each new sub-pixel
+    the stem (a 7x7 patch of the input), each layer's LSTM cell and the 1x1 convolutions run at (r, c) alone,
+    H*W positions of work for an image instead of the plain sampler's (H*W)^2 / 2. The layers run on W + 3
+    columns (PixelRNN.forward's padding): those 3 are computed when their row is complete."""
+    v = v.clone()
+    n, C, H, W = v.shape
+    Wp, dtype = W + 3, model.input.weight.dtype
+    image = F.pad(net_input(v, binary, dtype), (PAD, PAD + 3, PAD, PAD))  # the stem's input as forward() pads it
+    layers = [(RowLSTMState if isinstance(b.lstm, RowLSTM) else DiagonalBiLSTMState)(b.lstm, n, H, Wp, dtype)
+              for b in model.blocks]
+
+    def features_at(r, c):
+        """The last block's output at (r, c); every layer's state there is updated."""
+        h = conv_at(model.input, image, r, c)
+        for block, state in zip(model.blocks, layers):
+            h = h + block.up(state.at(h, r, c))  # the residual block, at one position
+        return h
+
+    def fill_row(r, draw):
+        for state in layers:
+            state.begin_row(r)
+        for c in range(Wp):
+            for ch in range(C if draw and c < W else 0):  # R, then G, then B: (r, c) recomputed with each one drawn
+                logits = pixel_logits(model.output(features_at(r, c)), C, binary)[:, ch:ch + 1, :, 0, 0]
+                v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
+                image[:, ch, r + PAD, c + PAD] = net_input(v[:, ch, r, c], binary, dtype)  # later positions see it
+            if not (draw and c < W):
+                features_at(r, c)  # a given pixel or a padding column: the states move on, nothing is drawn
+        for state in layers:
+            state.end_row(r)
+
+    for r in range(start_row):  # the given rows (completion) go through the states first
+        fill_row(r, draw=False)
+    for r in tqdm(range(start_row, H), desc="sampling rows", leave=False, disable=not progress):
+        fill_row(r, draw=True)
     return v
 
 
@@ -352,11 +492,11 @@ def learning_rate(cfg, step, minutes):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def sample_grid(model, shape, binary, n, path, seed):
+def sample_grid(model, shape, binary, n, path, seed, fast):
     """n samples as a PNG grid, from their own generator: training's random numbers are untouched."""
     device = model.input.weight.device
     v = sample(model.eval(), torch.zeros(n, *shape, device=device), binary, torch.Generator(device).manual_seed(seed),
-               progress=True)
+               fast=fast, progress=True)
     model.train()
     common.save_grid(levels_to_unit(v, binary), path)
 
@@ -406,7 +546,8 @@ def train(cfg):
                 log.log(step, nll_nats=nats, bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims), grad_norm=grad_norm)
             if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
                 common.run_safely("the sample grid", lambda: sample_grid(
-                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed))
+                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed,
+                    cfg.fast))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
@@ -435,7 +576,8 @@ def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
     start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
     rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
-    v = sample(model, torch.zeros(n, *x_test.shape[1:], device=x_test.device), model.binary, rng, progress=True)
+    v = sample(model, torch.zeros(n, *x_test.shape[1:], device=x_test.device), model.binary, rng, fast=cfg.fast,
+               progress=True)
     samples = common.gather_cat(levels_to_unit(v, model.binary).cpu())
     if common.is_main():
         common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
@@ -453,7 +595,7 @@ def complete(cfg, n=8, draws=3):
     occluded = v.clone()
     occluded[:, :, H // 2:] = 0.5 if model.binary else 127.5  # grey where the model must fill in
     rng = torch.Generator(v.device).manual_seed(cfg.seed)
-    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, progress=True)
+    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, fast=cfg.fast, progress=True)
     grid = levels_to_unit(torch.cat([v, occluded, filled]), model.binary).cpu()
     common.save_grid(grid, Path(cfg.out) / "completion.png", nrow=len(v))
     torch.save(grid, Path(cfg.out) / "completion.pt")

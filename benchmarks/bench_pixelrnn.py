@@ -5,6 +5,7 @@ number of parameters, on binarized 28x28 MNIST-shaped input.
     python benchmarks/bench_pixelrnn.py --device cpu                          # the README's quick CPU size
     python benchmarks/bench_pixelrnn.py --device cpu --hidden 48 --layers 7 --head 96   # the default model
     python benchmarks/bench_pixelrnn.py --device cuda --batch-size 64
+    python benchmarks/bench_pixelrnn.py --sampling --layers 2    # plain vs carried sampler, 16, 64, 1000 images
 
 Timings on a shared machine vary: run it under `flock /tmp/cpu-measure.lock` and report the load
 (`uptime`). Set OMP_NUM_THREADS to choose the CPU threads.
@@ -84,6 +85,40 @@ def measure(name, model, nll_fn, sample_fn, x, args, device):
                 eval_img_s=round(len(x) / eval_s, 1), sample_s=round(sample_s, 1), sample_n=args.sample_n)
 
 
+def sampling(args, device):
+    """Plain vs carried sampler on the quick recipe's Diagonal BiLSTM (untrained, biases perturbed so that the
+    probabilities are not all 1/2). The plain sampler runs the network on rows 0..r for each sub-pixel of row r,
+    so its cost per row grows linearly with r: above --plain-up-to images it is timed on row 0 alone (a 1-row
+    image) and on row H-1 alone (start_row = H-1), and the whole image is estimated as H x their mean. The
+    carried sampler is timed whole; equality is checked on the rows both drew (row 27 alone when estimated)."""
+    torch.manual_seed(0)
+    model = pixelrnn.build_model(pixelrnn.ModelConfig(arch="diag", hidden=args.hidden, layers=args.layers,
+                                                      head=args.head), (1, 28, 28)).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def run(v, start_row, fast):
+        start = time.perf_counter()
+        out = pixelrnn.sample(model, v, True, torch.Generator(device).manual_seed(0), start_row, fast=fast)
+        sync(device)
+        return out, time.perf_counter() - start
+
+    for n in args.sizes:
+        v = torch.zeros(n, 1, 28, 28, device=device)
+        fast, fast_s = run(v, 0, True)
+        if n <= args.plain_up_to:
+            plain, plain_s = run(v, 0, False)
+            how, differ = "timed whole", (plain != fast).sum().item()
+        else:
+            first_s = run(v[:, :, :1], 0, False)[1]
+            last, last_s = run(fast, 27, False)  # the last row, given the carried sampler's rows above
+            plain_s, how = 28 * (first_s + last_s) / 2, f"estimated from row 0 ({first_s:.1f} s) and row 27 ({last_s:.1f} s)"
+            differ = (last != run(fast, 27, True)[0]).sum().item()  # both from the same rows above and numbers
+        print(f"sampling {n:5d} images: plain {plain_s:8.1f} s ({how}), carried {fast_s:6.1f} s, "
+              f"{plain_s / fast_s:6.1f}x, {differ} pixels differ", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -94,8 +129,14 @@ def main():
     p.add_argument("--eval-batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--sample-n", type=int, default=4, help="images sampled pixel by pixel")
+    p.add_argument("--sampling", action="store_true", help="time the plain and the carried sampler instead")
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 1000], help="--sampling: images per batch")
+    p.add_argument("--plain-up-to", type=int, default=16, help="--sampling: time the plain sampler whole up to this "
+                   "many images, estimate it from two rows above")
     args = p.parse_args()
     device = common.get_device(args.device)
+    if args.sampling:
+        return sampling(args, device)
     torch.manual_seed(0)
     x = (torch.rand(args.eval_batch, 1, 28, 28, device=device) < 0.13).float()  # MNIST's ink density
     print(f"device {device}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "

@@ -33,8 +33,8 @@ FAMILIES = [
     ("pixelcnn", ["pixelcnn.py"], None, "exact NLL (nats/image)", "{:.2f} nats, exact"),
     ("vae", ["vae.py"], ["--eval"], "IW NLL -log p(x) (nats/image)", "{:.2f} nats, IW bound (k = 1000)"),
     ("gan", ["gan.py"], None, None, "none (no density)"),
-    ("ddpm", ["ddpm.py", "--dataset", "mnist"], ["--eval", "--eval-n", "200"], "NLL <=   total (bits/dim)",
-     "{:.2f} bits/dim, bound (8-bit data, 200 images)"),
+    ("ddpm", ["ddpm.py", "--dataset", "mnist"], ["--eval", "--eval-n", "100"], "NLL <=   total (bits/dim)",
+     "{:.2f} bits/dim, bound (8-bit data, 100 images)"),
 ]
 
 

@@ -268,6 +268,30 @@ def test_sampler_draws_from_the_model(tmp_path):
     assert (counts / n - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
 
 
+@pytest.mark.parametrize("arch", ["row", "diag"])
+@pytest.mark.parametrize("colors", [1, 3])
+@pytest.mark.parametrize("start_row", [0, 4])
+def test_carried_sampler_draws_from_the_plain_samplers_logits(arch, colors, start_row, monkeypatch):
+    """sample_carried gives exactly the plain sampler's images for the same random numbers, and every logit it
+    draws from is the plain sampler's (to float rounding): a wrong carried state would show here even where a
+    random net's near-1/2 probabilities let the images agree by luck. Biases are large, so that caches matter."""
+    torch.manual_seed(colors)
+    model = P.PixelRNN(arch, colors, colors == 1, 6, 2, 12).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    given = P.sample(model, torch.zeros(3, colors, 9, 7), colors == 1, torch.Generator().manual_seed(9), fast=False)
+    drawn, plain_sample_pixel = {True: [], False: []}, P.sample_pixel
+    for fast in (False, True):
+        monkeypatch.setattr(P, "sample_pixel", lambda l, b, g, fast=fast: drawn[fast].append(l) or plain_sample_pixel(l, b, g))
+        images = P.sample(model, given, colors == 1, torch.Generator().manual_seed(1), start_row, fast=fast)
+        drawn[fast].append(images)
+    assert torch.equal(drawn[True].pop(), drawn[False].pop())  # the images
+    assert len(drawn[True]) == len(drawn[False]) == (9 - start_row) * 7 * colors  # one draw per sub-pixel
+    for fast_logits, plain_logits in zip(drawn[True], drawn[False]):
+        assert fast_logits.shape == plain_logits.shape and torch.allclose(fast_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
     """A short run on the fake digits: test NLL far below the uniform model's 784 ln 2 = 543 nats."""
     out = tmp_path / "toy"
