@@ -210,6 +210,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args(argv)
+    if args.what == "score" and not args.samples:
+        raise common.UsageError("score needs samples.pt files or PNG grids: python benchmarks/quality.py score runs/gan-mnist/samples.pt")
     torch.set_num_threads(args.threads)
     model, data = mnist_classifier(Path(args.classifier), torch.device("cpu"))
     test_feats, real_feats = reference(model, data, args.n)
