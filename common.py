@@ -62,6 +62,8 @@ def opt(default, help, valid=None, choices=None, mode=None):
 class ModelConfig:
     """What defines a model. Stored in its checkpoint, so that --sample, --eval and --resume need none of it."""
     dataset: str = opt("mnist", "mnist | fashion-mnist | cifar10 | a folder of images")
+    conditional: bool = opt(False, "learn p(x | class) from the labels (mnist, fashion-mnist, cifar10), so that --label "
+                            "picks the class to draw")
 
 
 @dataclasses.dataclass
@@ -81,6 +83,8 @@ class RunConfig:
     sample_every: int = opt(2000, "steps between sample grids", "[1, inf)")
     ckpt_every: int = opt(2000, "steps between checkpoints", "[1, inf)")
     num_samples: int = opt(64, "images to draw with --sample (and in the grids of a run)", "[1, inf)")
+    label: int = opt(-1, "the class a --conditional model draws (--sample and the grids of a run); -1: every class, "
+                     "one row each", "[-1, 9]")
     resume: bool = opt(False, "continue the run in --out from its checkpoint", mode="checkpoint")
     sample: bool = opt(False, "only sample from the checkpoint in --out", mode="checkpoint")
     eval: bool = opt(False, "only evaluate the checkpoint in --out on the test set", mode="checkpoint")
@@ -441,6 +445,31 @@ def _load_folder(folder, split):
     return torch.from_numpy(np.ascontiguousarray(x)), None
 
 
+def load_split(cfg, split, device):
+    """(x uint8, y or None) of --dataset: the labels only for a --conditional model, which cannot do without them."""
+    x, y = load_dataset(cfg.model.dataset, cfg.data_dir, split, device)
+    if cfg.model.conditional and y is None:
+        raise UsageError(f"--conditional needs class labels and the folder {cfg.model.dataset} has none; drop "
+                         f"--conditional, or use mnist, fashion-mnist or cifar10")
+    return x, (y if cfg.model.conditional else None)
+
+
+NUM_CLASSES = 10  # mnist, fashion-mnist and cifar10 all have ten classes
+
+
+def class_labels(cfg, n, device, start=0):
+    """The classes of images start .. start+n-1 to draw: None for an unconditional model (which refuses --label), all
+    --label K, or with no --label the ten classes in turn (image i is class i mod 10, so any share is balanced)."""
+    if not cfg.model.conditional:
+        if cfg.label >= 0:
+            raise UsageError(f"--label {cfg.label} needs a model trained with --conditional, and {cfg.out or 'this one'} "
+                             f"is not: drop --label, or train with --conditional")
+        return None
+    if cfg.label >= 0:
+        return torch.full((n,), cfg.label, dtype=torch.long, device=device)
+    return torch.arange(start, start + n, device=device) % NUM_CLASSES
+
+
 def random_batch(x, batch_size, generator, y=None):
     """Draw a batch by indexing with a seeded generator (i.i.d. draws, so resuming is exact)."""
     idx = torch.randint(len(x), (batch_size,), device=x.device, generator=generator)
@@ -479,11 +508,29 @@ def signed_to_unit(x):
     return (x + 1) / 2
 
 
-def save_grid(images, path, nrow=None):
-    """Save a batch of images in [0, 1] as one PNG grid (square by default)."""
+def save_grid(images, path, nrow=None, labels=None):
+    """Save a batch of images in [0, 1] as one PNG grid: square by default; given the images' classes (of a
+    --conditional model, more than one class), one row per class, as many columns as the rarest class has images."""
     import torchvision.utils as vutils
+    if labels is not None and len(labels.unique()) > 1:
+        labels = labels.cpu()
+        classes = labels.unique()
+        nrow = min(int((labels == c).sum()) for c in classes)
+        images = torch.cat([images[labels == c][:nrow] for c in classes])
     nrow = nrow or max(1, int(math.sqrt(len(images))))
     vutils.save_image(images.float().clamp(0, 1).cpu(), str(path), nrow=nrow, padding=1, pad_value=1.0)
+
+
+def save_samples(cfg, x):
+    """The files of --sample in --out (rank 0 writes them): samples.pt, N x C x H x W in [0, 1]; samples.png, the first
+    256 (one row per class for a --conditional model); and for a conditional model labels.pt, each image's class."""
+    if not is_main():
+        return
+    labels = class_labels(cfg, len(x), "cpu")  # the order every sampler draws the classes in
+    save_grid(x[:256], Path(cfg.out) / "samples.png", labels=None if labels is None else labels[:256])
+    torch.save(x, Path(cfg.out) / "samples.pt")
+    if labels is not None:
+        torch.save(labels, Path(cfg.out) / "labels.pt")
 
 
 def nats_to_bits_per_dim(nats_per_image, dims):

@@ -41,16 +41,12 @@ from tqdm import tqdm
 
 import common
 
-NUM_CLASSES = 10
-
-
 @dataclasses.dataclass
 class ModelConfig(common.ModelConfig):
     arch: str = common.opt("plain", "plain PixelCNN or gated PixelCNN (no blind spot)", choices=["plain", "gated"])
     channels: int = common.opt(128, "feature maps per layer (2h in the paper's residual block; a multiple of "
                                "2 x colours)", "[2, inf)")
     layers: int = common.opt(12, "residual blocks (plain) or gated layers after the first (gated)", "[1, inf)")
-    conditional: bool = common.opt(False, "condition on the class label (a label embedding added in every layer)")
 
 
 @dataclasses.dataclass
@@ -167,7 +163,7 @@ class ResidualBlock(nn.Module):
         self.conv1 = MaskedConv2d(ch, ch // 2, 1, "B", colors)
         self.conv2 = MaskedConv2d(ch // 2, ch // 2, 3, "B", colors)
         self.conv3 = MaskedConv2d(ch // 2, ch, 1, "B", colors)
-        self.embed = nn.Embedding(NUM_CLASSES, ch // 2) if conditional else None
+        self.embed = nn.Embedding(common.NUM_CLASSES, ch // 2) if conditional else None
 
     def forward(self, x, y):
         return self.expand(x, self.conv2(self.reduce(x, y)))
@@ -236,7 +232,7 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * ch, 2 * ch, 1)  # unmasked: after the shift it holds only rows above
         self.h_conv = MaskedConv2d(c_in, 2 * ch, (1, k), mask, colors)
         self.h_out = MaskedConv2d(ch, ch, 1, "B", colors)
-        self.embed = nn.Embedding(NUM_CLASSES, 4 * ch) if conditional else None  # V_f^T y, V_g^T y for both stacks
+        self.embed = nn.Embedding(common.NUM_CLASSES, 4 * ch) if conditional else None  # V_f^T y, V_g^T y for both stacks
 
     def forward(self, v, h, y):
         k = self.k
@@ -286,16 +282,6 @@ def build_model(mcfg, shape):
                                 + (f"{below} or {above}" if below else f"{above}"))
     net = PixelCNN if mcfg.arch == "plain" else GatedPixelCNN
     return net(colors, mcfg.channels, mcfg.layers, mcfg.conditional)
-
-
-# ----------------------------------------------------------------------------- the data as the model sees it
-
-def load_split(cfg, split, device):
-    """(x uint8, y or None): the labels only for a --conditional model, which needs them."""
-    x, y = common.load_dataset(cfg.model.dataset, cfg.data_dir, split, device)
-    if cfg.model.conditional and y is None:
-        raise common.UsageError(f"--conditional needs class labels and {cfg.model.dataset} has none; drop --conditional")
-    return x, (y if cfg.model.conditional else None)
 
 
 def prepare(x_uint8, data_rng=None, fixed=False):
@@ -451,23 +437,14 @@ def sample_cached(model, x, y, rng, start_row, progress):
     return x
 
 
-def class_labels(cfg, n, device):
-    """The classes to sample n images of: None for an unconditional model, else --label, or 0..9 in turn."""
-    if not cfg.model.conditional:
-        if cfg.label >= 0:
-            raise common.UsageError(f"--label {cfg.label} needs a model trained with --conditional, and this one is "
-                                    f"not: drop --label (or train with --conditional)")
-        return None
-    return torch.full((n,), cfg.label, device=device) if cfg.label >= 0 else torch.arange(n, device=device) % NUM_CLASSES
-
-
-def sample_images(cfg, model, n, shape, progress=False):
-    """n new images (model values) from empty canvases, with a generator seeded by --seed: every grid of a run
-    uses the same random numbers, and the training run's own never move."""
+def sample_images(cfg, model, n, shape, start=0, progress=False):
+    """n new images (model values) from empty canvases, of the classes common.class_labels gives images start ..
+    start+n-1, with a generator seeded by --seed: every grid of a run uses the same random numbers, and the training
+    run's own never move."""
     device = next(model.parameters()).device
     rng = torch.Generator(device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own numbers
     canvas = torch.zeros(n, *shape, device=device)
-    return sample(model, canvas, class_labels(cfg, n, device), rng, fast=cfg.fast, progress=progress)
+    return sample(model, canvas, common.class_labels(cfg, n, device, start), rng, fast=cfg.fast, progress=progress)
 
 
 # ----------------------------------------------------------------------------- evaluation: the exact test NLL
@@ -500,7 +477,7 @@ def report_test_nll(cfg, model, x_test, y_test):
 def load_for_inference(cfg):
     """The trained network in --out, on its device, in eval mode, and the test split (x uint8, y or None)."""
     device = common.get_device(cfg.device)
-    x_test, y_test = load_split(cfg, "test", device)
+    x_test, y_test = common.load_split(cfg, "test", device)
     model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
     common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelcnn", model=model)
     return model.eval(), x_test, y_test
@@ -516,11 +493,11 @@ def evaluate(cfg):
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    x_train, y_train = load_split(cfg, "train", device)
-    x_test, y_test = load_split(cfg, "test", device)  # for the end-of-run NLL; missing test data stops us here
+    x_train, y_train = common.load_split(cfg, "train", device)
+    x_test, y_test = common.load_split(cfg, "test", device)  # for the end-of-run NLL; missing test data stops us here
     model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
     n_grid = min(cfg.num_samples, 64)
-    class_labels(cfg, n_grid, device)  # so does a --label an unconditional model cannot take
+    common.class_labels(cfg, n_grid, device)  # so does a --label an unconditional model cannot take
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
     batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
@@ -535,7 +512,7 @@ def train(cfg):
 
     def sample_grid():
         x = sample_images(cfg, model.eval(), n_grid, x_train.shape[1:], progress=True)
-        common.save_grid(levels_to_unit(x, model.binary), out / f"samples_{step}.png")
+        common.save_grid(levels_to_unit(x, model.binary), out / f"samples_{step}.png", labels=common.class_labels(cfg, n_grid, "cpu"))
 
     with common.CtrlC() as ctrl_c:
         while step < cfg.steps and not ctrl_c.stopping():
@@ -572,12 +549,11 @@ def train(cfg):
 
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
-    start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
-    x = common.gather_cat(levels_to_unit(sample_images(cfg, model, n, x_test.shape[1:], progress=True), model.binary).cpu())
+    start, part = time.time(), common.shard(cfg.num_samples)  # under torchrun each rank draws its share
+    x = sample_images(cfg, model, len(part), x_test.shape[1:], part.start, progress=True)
+    x = common.gather_cat(levels_to_unit(x, model.binary).cpu())
     seconds = time.time() - start
-    if common.is_main():
-        common.save_grid(x[:256], Path(cfg.out) / "samples.png")
-        torch.save(x, Path(cfg.out) / "samples.pt")
+    common.save_samples(cfg, x)
     common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} sub-pixels in turn, {'cached' if cfg.fast else 'naive'} "
           f"sampler) -> {cfg.out}/samples.png, samples.pt")
 
@@ -591,7 +567,7 @@ def complete(cfg, n=8, k=4):
     device = x_test.device
     x = prepare(x_test[:n], fixed=True)
     n = len(x)
-    y = class_labels(cfg, n * k, device)  # None for an unconditional model, which refuses --label
+    y = common.class_labels(cfg, n * k, device)  # None for an unconditional model, which refuses --label
     if y is not None and cfg.label < 0:
         y = y_test[:n].repeat_interleave(k)  # each test image's own class
     half = x.shape[2] // 2
