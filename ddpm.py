@@ -13,11 +13,18 @@ with closed forms; in practice the bound's denoising terms reduce to predicting 
                 - log p(x_0 | x_1)                                       L_0, reconstruction
               L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
+With --conditional the U-Net also sees a class y (an embedding added to the time embedding), and in training y is
+replaced by a null class with probability p_uncond, so one network learns both p(x | y) and p(x). Sampling can then
+trade diversity for fidelity with classifier-free guidance (Ho & Salimans 2022), w = --guidance:
+    eps~(x_t, t, y) = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
+
 Run:
     python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU (10-13 min), full on a GPU
     python ddpm.py --sample                 # from runs/ddpm-mnist: no model flag, the checkpoint has them
     python ddpm.py --eval --eval-n 200      # the bound in bits/dim and its three parts
     python ddpm.py --preset full --out runs/ddpm-full   # the 6.5M-parameter U-Net on any device
+    python ddpm.py --conditional --out runs/ddpm-cond   # learns p(x | class) and p(x), for guidance
+    python ddpm.py --out runs/ddpm-cond --sample --label 7 --guidance 3   # sevens, guided with w = 3
 """
 import dataclasses
 import math
@@ -32,6 +39,8 @@ from tqdm import tqdm
 
 import common
 
+NULL_CLASS = common.NUM_CLASSES  # the label of "no label": the classes are 0..9, so the null class is 10
+
 
 @dataclasses.dataclass
 class ModelConfig(common.ModelConfig):
@@ -45,6 +54,8 @@ class ModelConfig(common.ModelConfig):
     channel_mults: str = common.opt("1,2,2", "width multiplier per resolution; each level after the first halves H and W")
     num_res_blocks: int = common.opt(2, "residual blocks per resolution", "[1, inf)")
     dropout: float = common.opt(0.1, "dropout in the residual blocks", "[0, 1)")
+    p_uncond: float = common.opt(0.1, "with --conditional, the probability that a training image's label is replaced by "
+                                 "the null class, so that the network also learns p(x) for --guidance", "[0, 1)")
 
 
 @dataclasses.dataclass
@@ -59,6 +70,9 @@ class Config(common.RunConfig):
     sample_steps: int = common.opt(50, "DDIM steps", "[1, inf)")
     eta: float = common.opt(0.0, "DDIM noise: 0 is deterministic, 1 matches the ancestral sampler's variance", "[0, 1]")
     eval_n: int = common.opt(1000, "test images for --eval", "[1, inf)")
+    guidance: float = common.opt(0.0, "classifier-free guidance weight w of a --conditional model: eps = (1 + w) eps(x, y) "
+                                 "- w eps(x, null); 0 samples p(x | y) itself, larger w gives more typical images of "
+                                 "the class", "[0, inf)")
 
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
@@ -184,14 +198,18 @@ class Diffusion:
         mean, logvar = extract(self.alpha_bar, t).sqrt() * x0, torch.log(1 - extract(self.alpha_bar, t))
         return normal_kl(mean, logvar.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
 
-    def training_loss(self, model, x0, vlb_weight=0.0):
+    def training_loss(self, model, x0, vlb_weight=0.0, y=None, p_uncond=0.0):
         """Algorithm 1: t ~ Uniform, eps ~ N(0, I), a gradient step on ||eps - eps_theta(x_t, t)||^2 (L_simple,
         eq. 14). With learned variance, the hybrid L_simple + lambda L_vlb, where the vlb term sees the mean through
-        a stop-gradient so it trains only Sigma. Returns (loss, figures)."""
+        a stop-gradient so it trains only Sigma. With labels y, each is dropped to the null class with probability
+        p_uncond (Ho & Salimans, Algorithm 1), so the same network learns eps(x_t, t, y) and eps(x_t, t, null).
+        Returns (loss, figures)."""
         t = torch.randint(0, self.T, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
-        net_out = model(x_t, t).float()
+        if y is not None:
+            y = torch.where(torch.rand(len(y), device=y.device) < p_uncond, NULL_CLASS, y)
+        net_out = model(x_t, t, y).float()
         eps_pred = net_out[:, :x0.shape[1]]
         l_simple = F.mse_loss(eps_pred, eps)
         if self.variance != "learned":
@@ -202,13 +220,14 @@ class Diffusion:
         return loss, dict(loss=loss.detach(), l_simple=l_simple.detach(), l_vlb=l_vlb.detach())
 
     @torch.no_grad()
-    def bound(self, model, x0, rng=None):
-        """The whole variational bound, term by term, in bits/dim per image: (L_T, sum L_{t-1}, L_0)."""
+    def bound(self, model, x0, rng=None, y=None):
+        """The whole variational bound, term by term, in bits/dim per image: (L_T, sum L_{t-1}, L_0); with labels y,
+        the bound on -log p(x_0 | y)."""
         prior, denoise, recon = self.prior_term(x0), torch.zeros(len(x0), device=x0.device), None
         for t_int in range(self.T):
             t = torch.full((len(x0),), t_int, device=x0.device, dtype=torch.long)
             x_t = self.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, generator=rng))
-            term = self.vlb_term(model(x_t, t).float(), x0, x_t, t, clip=True)
+            term = self.vlb_term(model(x_t, t, y).float(), x0, x_t, t, clip=True)
             if t_int == 0:
                 recon = term
             else:
@@ -290,12 +309,16 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise in x_t (and, with learned variance, the interpolation v)."""
+    """eps_theta(x_t, t) or, conditional, eps_theta(x_t, t, y): predicts the noise in x_t (and, with learned variance,
+    the interpolation v)."""
 
-    def __init__(self, img_channels, ch, mults, num_res_blocks, dropout, learn_var):
+    def __init__(self, img_channels, ch, mults, num_res_blocks, dropout, learn_var, conditional=False):
         super().__init__()
         t_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        # the classes 0..9 and the null class 10 (the label dropped): a vector each, added to the time embedding,
+        # so every residual block shifts its channels by class as it does by t
+        self.class_embed = nn.Embedding(common.NUM_CLASSES + 1, t_dim) if conditional else None
         self.stem = nn.Conv2d(img_channels, ch, 3, padding=1)
         widths, lowest = [ch * m for m in mults], len(mults) - 1
         self.down, skips, c = nn.ModuleList(), [ch], ch
@@ -319,8 +342,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)  # predict eps = 0 at first: the loss starts at 1, not at a random value
         self.ch = ch
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         t_emb = self.time_embed(timestep_embedding(t, self.ch))
+        if self.class_embed is not None:  # no label given (y None): the null class, p(x) itself
+            t_emb = t_emb + self.class_embed(torch.full_like(t, NULL_CLASS) if y is None else y)
         h = self.stem(x)
         hs = [h]
         for m in self.down:
@@ -347,22 +372,38 @@ def build_model(mcfg, shape):
                                 f"{mcfg.channel_mults}); give --channel-mults fewer numbers")
     if mcfg.channels % 8:
         raise common.UsageError(f"--channels {mcfg.channels} must be a multiple of 8 (GroupNorm uses 8 groups)")
-    return UNet(shape[0], mcfg.channels, mults, mcfg.num_res_blocks, mcfg.dropout, mcfg.variance == "learned")
+    return UNet(shape[0], mcfg.channels, mults, mcfg.num_res_blocks, mcfg.dropout, mcfg.variance == "learned",
+                mcfg.conditional)
 
 
 # ----------------------------------------------------------------------------- the samplers
 
+def guided(model, x, t, y=None, w=0.0):
+    """The network output the samplers use: eps_theta(x_t, t), or for labels y classifier-free guidance
+    (Ho & Salimans 2022, eq. 6), the conditional and the null-class pass in one batch:
+        eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
+    w = 0 is the conditional model alone, one pass. A learned variance v is the conditional pass's: guidance moves
+    the mean (through eps) and leaves Sigma as the model of p(x | y) gives it."""
+    if y is None or w == 0:
+        return model(x, t, y).float()
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])).float()
+    cond, uncond = out.chunk(2)
+    c = x.shape[1]  # the first C channels are eps, the rest (learned variance) v
+    return torch.cat([(1 + w) * cond[:, :c] - w * uncond[:, :c], cond[:, c:]], dim=1)
+
+
 @torch.no_grad()
-def sample_ancestral(diffusion, model, shape, rng, frames=0, progress=False):
+def sample_ancestral(diffusion, model, shape, rng, y=None, w=0.0, frames=0, progress=False):
     """Algorithm 2: x_T ~ N(0, I); for t = T .. 1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at
-    the last step). Returns x_0 in [-1, 1] and `frames` snapshots along the way (x_T first)."""
+    the last step); with labels y, eps guided with weight w. Returns x_0 in [-1, 1] and `frames` snapshots along
+    the way (x_T first)."""
     device = diffusion.betas.device
     x = torch.randn(shape, device=device, generator=rng)
     keep = set(torch.linspace(0, diffusion.T - 1, frames).round().long().tolist()) if frames else set()
     snapshots = [x] if frames else []
     for i, t_int in enumerate(tqdm(range(diffusion.T - 1, -1, -1), desc="sampling (ancestral)", leave=False, disable=not progress)):
         t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-        mean, logvar, _ = diffusion.p_mean_logvar(model(x, t).float(), x, t)
+        mean, logvar, _ = diffusion.p_mean_logvar(guided(model, x, t, y, w), x, t)
         z = torch.randn(shape, device=device, generator=rng) if t_int > 0 else torch.zeros_like(x)
         x = mean + torch.exp(0.5 * logvar) * z
         if i in keep:
@@ -377,8 +418,8 @@ def ddim_step(ab, ab_prev, x0, eps, eta):
 
 
 @torch.no_grad()
-def sample_ddim(diffusion, model, shape, steps, eta, rng, frames=0, progress=False):
-    """DDIM (Song et al. 2021, eq. 12) on `steps` of the T steps:
+def sample_ddim(diffusion, model, shape, steps, eta, rng, y=None, w=0.0, frames=0, progress=False):
+    """DDIM (Song et al. 2021, eq. 12) on `steps` of the T steps (with labels y, eps guided with weight w):
         x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
         sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)  (eta = 0: deterministic)."""
     device = diffusion.betas.device
@@ -388,7 +429,7 @@ def sample_ddim(diffusion, model, shape, steps, eta, rng, frames=0, progress=Fal
     snapshots = [x] if frames else []
     for i, t_int in enumerate(tqdm(ts, desc="sampling (ddim)", leave=False, disable=not progress)):
         t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-        _, _, x0 = diffusion.p_mean_logvar(model(x, t).float(), x, t)  # the clipped x_0
+        _, _, x0 = diffusion.p_mean_logvar(guided(model, x, t, y, w), x, t)  # the clipped x_0
         ab = extract(diffusion.alpha_bar, t)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the eps that goes with the clipped x_0
         ab_prev = extract(diffusion.alpha_bar, torch.full_like(t, ts[i + 1])) if i + 1 < len(ts) else torch.ones_like(ab)
@@ -399,13 +440,22 @@ def sample_ddim(diffusion, model, shape, steps, eta, rng, frames=0, progress=Fal
     return x.clamp(-1, 1), snapshots
 
 
-def sample(diffusion, model, shape, cfg, seed, frames=0, progress=False):
-    """The sampler that --sampler names, from its own seeded generator: every grid of a run starts from the same
-    x_T, and the training run's random numbers are untouched."""
+def sample(diffusion, model, shape, cfg, seed, y=None, w=None, frames=0, progress=False):
+    """The sampler that --sampler names, for labels y (None: unconditional) guided with w (default --guidance),
+    from its own seeded generator: every grid of a run starts from the same x_T, and the training run's random
+    numbers are untouched."""
     rng = torch.Generator(diffusion.betas.device).manual_seed(seed)
+    w = cfg.guidance if w is None else w
     if cfg.sampler == "ancestral":
-        return sample_ancestral(diffusion, model, shape, rng, frames, progress)
-    return sample_ddim(diffusion, model, shape, cfg.sample_steps, cfg.eta, rng, frames, progress)
+        return sample_ancestral(diffusion, model, shape, rng, y, w, frames, progress)
+    return sample_ddim(diffusion, model, shape, cfg.sample_steps, cfg.eta, rng, y, w, frames, progress)
+
+
+def check_guidance(cfg):
+    """--guidance mixes in the null class, which only a --conditional model has learned."""
+    if cfg.guidance > 0 and not cfg.model.conditional:
+        raise common.UsageError(f"--guidance {cfg.guidance} needs a model trained with --conditional, and "
+                                f"{cfg.out} is not: drop --guidance, or train with --conditional")
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -423,13 +473,30 @@ def forward_process_picture(diffusion, x0, path, seed):
     common.save_grid(strip(cols), path, nrow=len(cols))
 
 
+GUIDANCE_WEIGHTS = (0, 1, 3, 7)  # the columns of guidance.png
+
+
 def sample_pictures(diffusion, ema, cfg, shape, out, step):
-    """samples_<step>.png; at the end of the run also reverse_process.png, x_T -> x_0 for 8 of them."""
-    with common.autocast(diffusion.betas.device, cfg.precision):
-        x, frames = sample(diffusion, ema, shape, cfg, cfg.seed, frames=10, progress=True)
-    common.save_grid(common.signed_to_unit(x), out / f"samples_{step}.png")
+    """samples_<step>.png (a row per class for a --conditional model); at the end of the run also
+    reverse_process.png, x_T -> x_0 for 8 of them, and for a conditional model guidance.png."""
+    device = diffusion.betas.device
+    y = common.class_labels(cfg, shape[0], device)
+    with common.autocast(device, cfg.precision):
+        x, frames = sample(diffusion, ema, shape, cfg, cfg.seed, y, frames=10, progress=True)
+    common.save_grid(common.signed_to_unit(x), out / f"samples_{step}.png", labels=y)
     if step == cfg.steps:
         common.save_grid(strip([f[:8] for f in frames]), out / "reverse_process.png", nrow=len(frames))
+        if y is not None:
+            guidance_picture(diffusion, ema, cfg, shape[1:], out / "guidance.png")
+
+
+def guidance_picture(diffusion, ema, cfg, shape, path):
+    """guidance.png: a row per class (or ten rows of --label), a column per guidance weight w in GUIDANCE_WEIGHTS,
+    each row from one x_T for every w: what guidance does to the same start."""
+    y = common.class_labels(cfg, common.NUM_CLASSES, diffusion.betas.device)
+    with common.autocast(diffusion.betas.device, cfg.precision):
+        columns = [sample(diffusion, ema, (len(y), *shape), cfg, cfg.seed, y, w)[0] for w in GUIDANCE_WEIGHTS]
+    common.save_grid(strip(columns), path, nrow=len(columns))
 
 
 # ----------------------------------------------------------------------------- training
@@ -437,9 +504,11 @@ def sample_pictures(diffusion, ema, cfg, shape, out, step):
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
+    x_train, y_train = common.load_split(cfg, "train", device)  # y_train: None unless --conditional
     diffusion = Diffusion(cfg.model, device)  # a bad schedule stops here, before anything is written
     model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)
+    common.class_labels(cfg, 1, device)  # so do --label and --guidance on an unconditional model
+    check_guidance(cfg)
     ema = common.make_ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
@@ -459,11 +528,13 @@ def train(cfg):
     with common.CtrlC() as ctrl_c:
         while step < cfg.steps and not ctrl_c.stopping():
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            x0 = common.uint8_to_signed(common.random_batch(x_train, batch, data_rng))
+            drawn = common.random_batch(x_train, batch, data_rng, y_train)
+            x0, y = drawn if y_train is not None else (drawn, None)  # y: the labels of a --conditional model
+            x0 = common.uint8_to_signed(x0)
             for g in opt.param_groups:  # linear warm-up: large early updates would undo the zero-initialised layers
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             with common.autocast(device, cfg.precision):
-                loss, figures = diffusion.training_loss(forward_model, x0, cfg.vlb_weight)
+                loss, figures = diffusion.training_loss(forward_model, x0, cfg.vlb_weight, y, cfg.model.p_uncond)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -487,9 +558,12 @@ def train(cfg):
 # ----------------------------------------------------------------------------- the other modes
 
 def load_for_inference(cfg):
-    """(the EMA U-Net that samples and evaluates, the test images as uint8, their labels) from the run in --out."""
+    """(the EMA U-Net that samples and evaluates, the test images as uint8, their labels or None) from the run in
+    --out; a --label or --guidance the model cannot take stops here."""
     device = common.get_device(cfg.device)
-    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    x_test, y_test = common.load_split(cfg, "test", device)
+    common.class_labels(cfg, 1, device)
+    check_guidance(cfg)
     ema = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
     common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "ddpm", ema=ema)
     return ema, x_test, y_test
@@ -497,18 +571,21 @@ def load_for_inference(cfg):
 
 def evaluate(cfg):
     """The bound on test images: -log p(x_0) <= L_T + sum_t L_{t-1} + L_0, in bits/dim (T network passes per image)."""
-    ema, x_test, _ = load_for_inference(cfg)
+    ema, x_test, y_test = load_for_inference(cfg)
     diffusion = Diffusion(cfg.model, x_test.device)
     x_test, part = x_test[:cfg.eval_n], common.shard(min(cfg.eval_n, len(x_test)))  # under torchrun: each rank its share
     rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
     parts = torch.zeros(3, dtype=torch.float64)
     for i in tqdm(range(part.start, part.stop, cfg.batch_size), desc="the bound", disable=not common.is_main()):
-        x0 = common.uint8_to_signed(x_test[i:min(i + cfg.batch_size, part.stop)])
-        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, x0, rng)]).double()
+        j = min(i + cfg.batch_size, part.stop)
+        y = None if y_test is None else y_test[i:j]  # a conditional model: the bound on -log p(x | y), true labels
+        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, common.uint8_to_signed(x_test[i:j]), rng, y)]).double()
     prior, denoise, recon = (common.sum_over_ranks(parts) / len(x_test)).tolist()
     rows = {"L_T      prior matching (bits/dim)": prior, "L_t-1    denoising (bits/dim)": denoise,
             "L_0      reconstruction (bits/dim)": recon, "NLL <=   total (bits/dim)": prior + denoise + recon}
-    return common.report(cfg.out, f"variational bound on {len(x_test)} test images of {cfg.model.dataset}", rows, n=len(x_test))
+    given = " given their labels, -log p(x | y)" if y_test is not None else ""
+    return common.report(cfg.out, f"variational bound on {len(x_test)} test images of {cfg.model.dataset}{given}", rows,
+                         n=len(x_test))
 
 
 def sample_from_checkpoint(cfg):
@@ -517,13 +594,13 @@ def sample_from_checkpoint(cfg):
     start, chunks, part = time.time(), [], common.shard(cfg.num_samples)  # under torchrun: each rank its share
     for n in range(part.start, part.stop, 500):  # bounded memory for any --num-samples; chunk n starts from seed + n
         shape = (min(500, part.stop - n), *x_test.shape[1:])
+        y = common.class_labels(cfg, shape[0], x_test.device, start=n)  # image i: class i mod 10, or --label
         with common.autocast(x_test.device, cfg.precision):
-            chunks.append(common.signed_to_unit(sample(diffusion, ema, shape, cfg, cfg.seed + n, progress=True)[0]).float())
+            chunks.append(common.signed_to_unit(sample(diffusion, ema, shape, cfg, cfg.seed + n, y, progress=True)[0]).float())
     samples = common.gather_cat(torch.cat(chunks).cpu() if chunks else torch.zeros(0, *x_test.shape[1:]))
-    if common.is_main():
-        common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
-        torch.save(samples, Path(cfg.out) / "samples.pt")
-    common.say(f"{len(samples)} samples ({cfg.sampler}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
+    common.save_samples(cfg, samples)
+    w = f", guidance w = {cfg.guidance:g}" if cfg.model.conditional else ""
+    common.say(f"{len(samples)} samples ({cfg.sampler}{w}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
 
 
 @common.entry
