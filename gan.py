@@ -12,10 +12,25 @@ gradients early on). The networks follow Radford et al. 2016 ("Unsupervised Repr
 Deep Convolutional Generative Adversarial Networks"): transposed convolutions, BatchNorm and ReLU in G,
 strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
 
+--conditional makes it a class-conditional GAN. G(z, y) gets a learned embedding of the class beside z (Mirza &
+Osindero 2014, "Conditional Generative Adversarial Nets"). D is the projection discriminator of Miyato & Koyama 2018
+("cGANs with Projection Discriminator"): with phi(x) D's features and psi its last, linear layer,
+
+    D(x, y) = sigmoid(l),   l(x, y) = psi(phi(x)) + embed(y)^T phi(x)
+
+Why not simply concatenate y to D's input: the optimal D's logit is the log density ratio log p_data(x, y) /
+p_G(x, y) = log p_data(x)/p_G(x) + log p_data(y|x)/p_G(y|x), and when both p(y|x) are log-linear in phi(x)
+(softmax classifiers on D's features) the second term is (v_y^data - v_y^G)^T phi(x) plus a term in x alone (their
+normalizers), which psi(phi(x)) absorbs: embed(y)^T phi(x). Miyato & Koyama derive the projection from this form, and
+it gave clearly better class fidelity than feeding y in with the image; it is also one line. The losses and
+Algorithm 1 are unchanged: every D(.) above becomes D(., y), every G(z) becomes G(z, y).
+
     python gan.py                           # the recipe for the device: quick on a CPU (7 min), full on a GPU
     python gan.py --sample --num-samples 10000   # samples.pt, latent interpolation, latent arithmetic
     python gan.py --eval                    # V(D, G) and D's verdicts on the test set
     python gan.py --g-loss minimax --out runs/gan-minimax   # the saturating loss of the minimax game, to compare
+    python gan.py --conditional --out runs/gan-cond        # G(z, y) and a projection D(x, y)
+    python gan.py --out runs/gan-cond --sample --label 7   # sevens (no --label: one row per class)
     python benchmarks/quality.py score runs/gan-mnist/samples.pt   # FD, precision/recall, classes
 """
 import contextlib
@@ -72,13 +87,18 @@ def dcgan_init(m):
 
 class Generator(nn.Module):
     """z -> image: a 1x1 "image" of z_dim channels, upsampled by transposed convolutions. The first layer's
-    kernel is the quarter image size, so one network shape serves 28x28 (7 -> 14 -> 28) and 32x32 (8 -> 16 -> 32)."""
+    kernel is the quarter image size, so one network shape serves 28x28 (7 -> 14 -> 28) and 32x32 (8 -> 16 -> 32).
+    conditional: (z, y) -> image, with a learned embedding of y, as wide as z, concatenated to z (Mirza & Osindero).
+    The first layer is linear in its 1x1 input, so this adds a learned map per class to its output."""
 
-    def __init__(self, z_dim, ch, img_channels, size):
+    def __init__(self, z_dim, ch, img_channels, size, conditional=False):
         super().__init__()
         h4, w4 = size[0] // 4, size[1] // 4
+        # N(0, 1) at first (nn.Embedding's default), the scale of z: the class is not drowned out by the noise
+        self.embed = nn.Embedding(common.NUM_CLASSES, z_dim) if conditional else None
+        n_in = 2 * z_dim if conditional else z_dim  # [z; embed(y)], or z
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(z_dim, 4 * ch, (h4, w4), 1, 0, bias=False),  # B x 4ch x H/4 x W/4 (7x7 or 8x8)
+            nn.ConvTranspose2d(n_in, 4 * ch, (h4, w4), 1, 0, bias=False),  # B x 4ch x H/4 x W/4 (7x7 or 8x8)
             nn.BatchNorm2d(4 * ch), nn.ReLU(True),                        # no bias: BatchNorm's shift replaces it
             nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1, bias=False),      # B x 2ch x H/2 x W/2 (14 or 16)
             nn.BatchNorm2d(2 * ch), nn.ReLU(True),
@@ -88,15 +108,20 @@ class Generator(nn.Module):
         self.z_dim = z_dim
         self.apply(dcgan_init)
 
-    def forward(self, z):
-        return self.net(z.view(len(z), self.z_dim, 1, 1))  # B x z_dim -> B x z_dim x 1 x 1
+    def forward(self, z, y=None):
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)], 1)  # [z; embed(y)]: B x 2 z_dim
+        return self.net(z[:, :, None, None])  # B x n -> B x n x 1 x 1
 
 
 class Discriminator(nn.Module):
     """image -> logit l, with D(x) = sigmoid(l): strided convolutions instead of pooling, LeakyReLU(0.2), no
-    BatchNorm on the first layer (Radford et al.), and no sigmoid at the end, so the losses can use log-sigmoid."""
+    BatchNorm on the first layer (Radford et al.), and no sigmoid at the end, so the losses can use log-sigmoid.
+    conditional: (image, y) -> logit, the projection discriminator l = psi(phi(x)) + embed(y)^T phi(x), where
+    phi(x) is every feature before the last layer (2ch x H/4 x W/4) and psi that last layer. psi is linear here, so
+    the projection gives each class its own last-layer kernel, w + embed(y): the class enters only at the end."""
 
-    def __init__(self, ch, img_channels, size):
+    def __init__(self, ch, img_channels, size, conditional=False):
         super().__init__()
         h4, w4 = size[0] // 4, size[1] // 4
         self.net = nn.Sequential(
@@ -107,9 +132,16 @@ class Discriminator(nn.Module):
             nn.Conv2d(2 * ch, 1, (h4, w4), 1, 0),              # B x 1 x 1 x 1: one logit per image
         )
         self.apply(dcgan_init)
+        self.embed = nn.Embedding(common.NUM_CLASSES, 2 * ch * h4 * w4) if conditional else None
+        if conditional:  # zero at first: D starts as the unconditional one, and the class term grows from the data
+            nn.init.zeros_(self.embed.weight)
 
-    def forward(self, x):
-        return self.net(x).flatten()  # B
+    def forward(self, x, y=None):
+        phi = self.net[:-1](x)  # phi(x): B x 2ch x H/4 x W/4
+        logit = self.net[-1](phi).flatten()  # psi(phi(x)): B
+        if self.embed is not None:
+            logit = logit + (self.embed(y) * phi.flatten(1)).sum(1)  # + embed(y)^T phi(x)
+        return logit
 
 
 def build_models(mcfg, shape):
@@ -118,8 +150,8 @@ def build_models(mcfg, shape):
     if h % 4 or w % 4 or min(h, w) < 8:
         raise common.UsageError(f"{h}x{w} images: the DCGAN halves each side twice, so use sides that are multiples of 4 "
                                 f"(28x28 MNIST, 32x32 CIFAR-10); resize the images first")
-    return (Generator(mcfg.z_dim, mcfg.g_channels, c, (h, w)),
-            Discriminator(mcfg.d_channels, c, (h, w)))
+    return (Generator(mcfg.z_dim, mcfg.g_channels, c, (h, w), mcfg.conditional),
+            Discriminator(mcfg.d_channels, c, (h, w), mcfg.conditional))
 
 
 # ----------------------------------------------------------------------------- the losses, from logits
@@ -143,12 +175,20 @@ def g_loss(fake_logit, kind):
 
 # ----------------------------------------------------------------------------- Algorithm 1, one step at a time
 
+def as_args(batch):
+    """A network's inputs: x (or z), or for a conditional model the pair (x, y) (or (z, y)), as D(x, y) and G(z, y)
+    take them; returns the tuple of arguments, (x,) or (x, y)."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
 def d_step(G, D, opt_d, x_real, z, step=0, amp=contextlib.nullcontext):
-    """One step of gradient ascent on V for D; G only makes the fakes, under no_grad, so it cannot change."""
+    """One step of gradient ascent on V for D; G only makes the fakes, under no_grad, so it cannot change.
+    A conditional model passes (x, y) and (z, y) pairs: each fake is judged as the class it was made for."""
+    real, noise = as_args(x_real), as_args(z)
     with torch.no_grad(), amp():
-        fake = G(z)
+        fake = G(*noise)
     with amp():  # real and fake in separate passes, so each BatchNorm batch is all real or all fake (DCGAN)
-        real_logit, fake_logit = D(x_real).float(), D(fake).float()
+        real_logit, fake_logit = D(*real).float(), D(fake, *noise[1:]).float()  # noise[1:]: (y,), or ()
     loss = d_loss(real_logit, fake_logit)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -159,11 +199,13 @@ def d_step(G, D, opt_d, x_real, z, step=0, amp=contextlib.nullcontext):
 
 
 def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
-    """One step of G on its loss; the gradient flows through D to G(z), but D's weights are frozen for it."""
+    """One step of G on its loss; the gradient flows through D to G(z), but D's weights are frozen for it.
+    z, or (z, y) for a conditional model: D judges G(z, y) as class y."""
+    noise = as_args(z)
     D.requires_grad_(False)  # no gradient for D's weights: D's optimizer will not see this step, and it is cheaper
     try:
         with amp():
-            fake_logit = D(G(z)).float()
+            fake_logit = D(G(*noise), *noise[1:]).float()
         loss = g_loss(fake_logit, kind)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,7 +218,8 @@ def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
 
 def train_iteration(G, D, opt_g, opt_d, real_batch, noise, cfg, step=0, amp=contextlib.nullcontext):
     """Algorithm 1 of Goodfellow et al.: k times (fresh x and z each time) update D; then fresh z, update G.
-    `real_batch()` draws x from the data, `noise()` draws z ~ p(z)."""
+    `real_batch()` draws x from the data, `noise()` draws z ~ p(z); for a conditional model, (x, y) with the images'
+    labels, and (z, y) with the classes of the fakes to make."""
     for _ in range(cfg.d_steps):
         figures = d_step(G, D, opt_d, real_batch(), noise(), step, amp)
     # the G step goes through D's own module, not its DDP wrapper: D's weights are frozen there, and a DDP forward
@@ -188,12 +231,13 @@ def train_iteration(G, D, opt_g, opt_d, real_batch, noise, cfg, step=0, amp=cont
 # ----------------------------------------------------------------------------- the sampler: x = G(z), z ~ N(0, I)
 
 @torch.no_grad()
-def generate(G, z, batch=500):
-    """G(z) in [0, 1], in eval mode (BatchNorm uses its running statistics, so an image does not depend on the
-    others in its batch), in chunks of `batch`."""
+def generate(G, z, y=None, batch=500):
+    """G(z) (G(z, y): a conditional model, classes y) in [0, 1], in eval mode (BatchNorm uses its running
+    statistics, so an image does not depend on the others in its batch), in chunks of `batch`."""
     was_training = G.training
     G.eval()
-    x = torch.cat([common.signed_to_unit(G(z[i:i + batch])).float() for i in range(0, len(z), batch)])
+    chunk = lambda i: (z[i:i + batch],) if y is None else (z[i:i + batch], y[i:i + batch])
+    x = torch.cat([common.signed_to_unit(G(*chunk(i))).float() for i in range(0, len(z), batch)])
     G.train(was_training)
     return x
 
@@ -206,16 +250,18 @@ def fixed_noise(n, z_dim, seed, device):
 # ----------------------------------------------------------------------------- evaluation: the game's value on test images
 
 @torch.no_grad()
-def game_value(G, D, x_test, batch_size, seed):
+def game_value(G, D, x_test, batch_size, seed, y_test=None):
     """V(D, G) = E log D(x) + E log(1 - D(G(z))) on the test images and as many fakes, with the means of D(x) and
     D(G(z)) and both generator losses. The networks run as in training (BatchNorm on batches all real or all fake,
-    with their own statistics), so the figures compare with log.jsonl's; z comes from a generator seeded by `seed`."""
+    with their own statistics), so the figures compare with log.jsonl's; z comes from a generator seeded by `seed`.
+    A conditional model gets the test labels y_test: D(x, y) on the images, D(G(z, y), y) on fakes of their classes."""
     rng = torch.Generator().manual_seed(seed)
     log_d_real, log_1m_d_fake, log_d_fake, d_real, d_fake = [], [], [], [], []
     for i in range(0, len(x_test), batch_size):
         x = common.uint8_to_signed(x_test[i:i + batch_size])
         z = torch.randn(len(x), G.z_dim, generator=rng).to(x.device)
-        real_logit, fake_logit = D(x).float(), D(G(z)).float()
+        y = () if y_test is None else (y_test[i:i + batch_size],)  # the labels, as an argument list
+        real_logit, fake_logit = D(x, *y).float(), D(G(z, *y), *y).float()
         log_d_real.append(F.logsigmoid(real_logit))  # log D(x)
         log_1m_d_fake.append(F.logsigmoid(-fake_logit))  # log(1 - D(G(z)))
         log_d_fake.append(F.logsigmoid(fake_logit))  # log D(G(z))
@@ -249,10 +295,11 @@ def load_for_inference(cfg):
 
 def evaluate(cfg):
     """The game's value and D's verdicts on the test set (a GAN has no likelihood to report)."""
-    x_test, _, nets = load_networks(cfg, "G", "D")
-    rows = game_value(nets["G"], nets["D"], x_test, cfg.batch_size, cfg.seed)
-    return common.report(cfg.out, f"{len(x_test)} test images of {cfg.model.dataset} and as many samples of G",
-                         rows, n=len(x_test))
+    x_test, y_test, nets = load_networks(cfg, "G", "D")
+    y = y_test if cfg.model.conditional else None  # a conditional model: the test images' labels, and fakes of them
+    rows = game_value(nets["G"], nets["D"], x_test, cfg.batch_size, cfg.seed, y)
+    of = " with their labels y, as many samples of G(z, y)" if y is not None else " and as many samples of G"
+    return common.report(cfg.out, f"{len(x_test)} test images of {cfg.model.dataset}{of}", rows, n=len(x_test))
 
 
 # ----------------------------------------------------------------------------- training
@@ -260,8 +307,9 @@ def evaluate(cfg):
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)  # stays uint8
+    x_train, y_train = common.load_split(cfg, "train", device)  # stays uint8; y: labels, a conditional model only
     G, D = (m.to(device) for m in build_models(cfg.model, tuple(x_train.shape[1:])))  # bad sizes stop here
+    y_fixed = common.class_labels(cfg, cfg.num_samples, device)  # the grids' classes; so does a --label it cannot take
     ema = common.make_ema(G)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -273,13 +321,24 @@ def train(cfg):
     common.check_resume(cfg, step)
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
     common.say(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
-          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss")
+          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss"
+          f"{', conditional on the class' * cfg.model.conditional}")
     # Under torchrun both networks are DDP-wrapped: their gradients are averaged over the ranks. BatchNorm stays
     # per rank (each normalizes its own share of the batch; SyncBatchNorm would cost a collective per layer), and
     # the EMA of G is updated on every rank from the same averaged weights, so it is the same everywhere.
     G_fwd, D_fwd = (common.ddp(common.maybe_compile(m, cfg)) for m in (G, D))
-    real_batch = lambda: common.uint8_to_signed(common.random_batch(x_train, batch_size, data_rng))
-    noise = lambda: torch.randn(batch_size, cfg.model.z_dim, device=device)  # torch's generator: --resume restores it
+    # Real images in [-1, 1], and z ~ N(0, I) from torch's generator (--resume restores it). A conditional model gets
+    # (x, y) with the images' labels, and (z, y) with the fakes' classes drawn uniformly, not copied from a real batch:
+    # G trains on the equal shares of classes that --sample asks of it (mnist, fashion-mnist and cifar10 are balanced,
+    # so this is near p_data(y) too), and a fresh (z, y) per step stays Algorithm 1's fresh z, independent of the data.
+    def real_batch():
+        batch = common.random_batch(x_train, batch_size, data_rng, y_train)
+        return common.uint8_to_signed(batch) if y_train is None else (common.uint8_to_signed(batch[0]), batch[1])
+
+    def noise():
+        z = torch.randn(batch_size, cfg.model.z_dim, device=device)
+        return z if y_train is None else (z, torch.randint(common.NUM_CLASSES, (batch_size,), device=device))
+
     amp = lambda: common.autocast(device, cfg.precision)
     z_fixed = fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)
     start, log = step, common.Logger(out, cfg.steps, step)
@@ -297,7 +356,7 @@ def train(cfg):
                 log.log(step, **figures)
             if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():  # the same z in every grid of the run
                 common.run_safely("the sample grid", lambda: common.save_grid(
-                    generate(ema if cfg.ema else G, z_fixed), out / f"samples_{step}.png"))
+                    generate(ema if cfg.ema else G, z_fixed, y_fixed), out / f"samples_{step}.png", labels=y_fixed))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
@@ -306,12 +365,14 @@ def train(cfg):
 
 # ----------------------------------------------------------------------------- the other modes: samples and latent pictures
 
-def interpolation(G, z, rows=8, cols=10):
+def interpolation(G, z, rows=8, cols=10, y=None):
     """Each row walks in a straight line from one z to another, z_t = (1 - t) z_a + t z_b (Radford et al. Fig. 4):
-    a smooth walk in z that gives smooth changes in the image means G has not memorised isolated images."""
+    a smooth walk in z that gives smooth changes in the image means G has not memorised isolated images. A
+    conditional model keeps row r's class y[r] all along: the walk changes the style, not the class."""
     za, zb = z[:rows], z[rows:2 * rows]
     t = torch.linspace(0, 1, cols, device=z.device)[None, :, None]
-    return generate(G, ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1))
+    return generate(G, ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1),
+                    None if y is None else y[:rows].repeat_interleave(cols))
 
 
 def ink(x):
@@ -319,43 +380,48 @@ def ink(x):
     return x.flatten(1).mean(1)
 
 
-def ink_direction(G, z, frac=0.1):
+def ink_direction(G, z, frac=0.1, y=None):
     """Latent vector arithmetic (Radford et al. Sec. 6.3): mean z of the thickest samples minus mean z of the thinnest,
-    by ink mass, the averaged-z version of 'smiling woman - neutral woman'."""
-    order = ink(generate(G, z)).argsort()
+    by ink mass, the averaged-z version of 'smiling woman - neutral woman' (a conditional model: of the classes y)."""
+    order = ink(generate(G, z, y)).argsort()
     k = max(1, int(len(z) * frac))
     return z[order[-k:]].mean(0) - z[order[:k]].mean(0)
 
 
-def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5)):
-    """Rows: z + a * direction for each base z (column a = 0 is the sample itself). Returns the grid and the mean
-    ink mass of each column, the measurable check that the direction does what its name says."""
+def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5), y=None):
+    """Rows: z + a * direction for each base z (column a = 0 is the sample itself; a conditional model: row r of class
+    y[r]). Returns the grid and the mean ink mass of each column, the measurable check that the direction does what
+    its name says."""
     a = torch.tensor(alphas, device=z_base.device)[None, :, None]
-    x = generate(G, (z_base[:, None] + a * direction).flatten(0, 1))
+    y = None if y is None else y.repeat_interleave(len(alphas))
+    x = generate(G, (z_base[:, None] + a * direction).flatten(0, 1), y)
     return x, ink(x).view(len(z_base), len(alphas)).mean(0)
 
 
 def sample_from_checkpoint(cfg):
-    """samples.png (the first 256) and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed, then
-    interpolation.png and arithmetic.png from z's seeded by --seed + 1."""
+    """samples.png (the first 256) and samples.pt (N x C x H x W in [0, 1]) from the fixed noise of --seed (and
+    labels.pt: a conditional model, of the classes --label asks for), then interpolation.png and arithmetic.png from
+    z's seeded by --seed + 1 (a conditional model: row r of class r mod 10, or all --label)."""
     if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
         return
     G, _, _ = load_for_inference(cfg)
     out, device = Path(cfg.out), next(G.parameters()).device
+    labels = common.class_labels(cfg, cfg.num_samples, device)  # None (unconditional), or the classes to draw
     start = time.time()
-    samples = generate(G, fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)).cpu()
+    samples = generate(G, fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device), labels).cpu()
     seconds = time.time() - start
-    common.save_grid(samples[:256], out / "samples.png")
-    torch.save(samples, out / "samples.pt")
+    common.save_samples(cfg, samples)
     z = fixed_noise(1024, cfg.model.z_dim, cfg.seed + 1, device)
-    common.save_grid(interpolation(G, z), out / "interpolation.png", nrow=10)
-    direction = ink_direction(G, z[16:])  # found on other samples than the rows it is applied to
-    grid, col_ink = arithmetic(G, z[:8], direction)
+    rows = common.class_labels(cfg, 8, device)  # the rows' classes (None: an unconditional model)
+    common.save_grid(interpolation(G, z, y=rows), out / "interpolation.png", nrow=10)
+    # the direction is found on other samples than the rows it is applied to
+    direction = ink_direction(G, z[16:], y=common.class_labels(cfg, len(z) - 16, device, start=16))
+    grid, col_ink = arithmetic(G, z[:8], direction, y=rows)
     common.save_grid(grid, out / "arithmetic.png", nrow=len(col_ink))
     print("latent arithmetic, z + a (z_thick - z_thin): mean ink per column a = -1.5 .. 1.5: "
           + " ".join(f"{v:.3f}" for v in col_ink.tolist()))
     print(f"{len(samples)} samples in {seconds:.2f}s; wrote samples.png, samples.pt {tuple(samples.shape)}, "
-          f"interpolation.png, arithmetic.png in {out}")
+          f"{'labels.pt, ' if labels is not None else ''}interpolation.png, arithmetic.png in {out}")
 
 
 @common.entry

@@ -12,11 +12,22 @@ The last KL cannot be computed; --eval estimates log p(x) itself by importance s
 "Importance Weighted Autoencoders"), log p(x) ~ log 1/K sum_k p(x, z_k) / q(z_k|x), and shows the gap.
 1-channel images are binarized (a Bernoulli decoder); colour images keep 8 bits (a discretized logistic).
 
+--conditional trains the conditional VAE of Sohn, Lee & Yan 2015 ("Learning Structured Output Representation using
+Deep Conditional Generative Models"): the label y goes into the encoder q(z|x,y) and the decoder p(x|z,y), and
+
+    log p(x|y) >= E_q(z|x,y)[log p(x|z,y)] - KL(q(z|x,y) || p(z))
+
+Sohn et al. also allow a learned prior p(z|y); we keep p(z) = N(0, I), so the KL stays in closed form and sampling
+stays "z from the prior", now decoded with the class asked for. y is given, so z need not carry the class: it is
+left with the style (slant, thickness), and --label picks the class.
+
     python vae.py                           # the recipe for the device: quick on a CPU (an MLP), full on a GPU (conv)
     python vae.py --eval                    # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
     python vae.py --sample                  # samples, reconstructions, interpolation
     python vae.py --z-dim 2 --steps 10000 --out runs/vae-z2
     python vae.py --out runs/vae-z2 --sample   # also the decoded manifold and the test codes by label
+    python vae.py --conditional --out runs/vae-cond        # p(x|y); --eval reports -log p(x|y)
+    python vae.py --out runs/vae-cond --sample --label 7   # sevens (no --label: one row per class)
 """
 import dataclasses
 import math
@@ -85,6 +96,19 @@ def discretized_logistic_log_prob(mean, log_scale, x):
 
 # ----------------------------------------------------------------------------- encoders and decoders
 
+def with_label(v, y):
+    """v with the one-hot label y appended (a conditional model; y None: v as it is): 10 more features of a vector
+    B x n, or 10 constant planes of an image B x C x H x W. One-hot rather than an embedding: it feeds a linear layer,
+    and W [v; onehot(y)] = W_v v + (column y of W_y), so the layer learns a class embedding of its own width anyway
+    (it is also what Sohn et al. feed). y may also be rows of class weights, as the interpolation uses."""
+    if y is None:
+        return v
+    y = (y if y.is_floating_point() else F.one_hot(y, common.NUM_CLASSES)).to(v.dtype)
+    if v.dim() == 4:
+        y = y[:, :, None, None].expand(-1, -1, *v.shape[2:])
+    return torch.cat([v, y], 1)
+
+
 def mlp(sizes):
     """Linear layers with ELU between them (none after the last). ELU, not ReLU: it has no dead units and a
     smooth gradient, and on the quick CPU recipe it gave a 2.5-nat better IW NLL in the same time (README)."""
@@ -122,34 +146,46 @@ def conv_decoder(z_dim, c_out, h, w, ch, blocks):
 
 class VAE(nn.Module):
     """q_phi(z|x) = N(mu, diag exp(logvar)), p(z) = N(0, I), and p_theta(x|z): Bernoulli for binarized images
-    (binary=True), discretized logistic for 8-bit colour images. No layer behaves differently in train and eval
-    mode, so evaluating during training needs no mode switch."""
+    (binary=True), discretized logistic for 8-bit colour images. A conditional model (Sohn et al.) has q(z|x,y) and
+    p(x|z,y): the one-hot y joins the encoder's input (mlp: 10 more inputs; conv: 10 more planes) and the decoder's
+    (10 more inputs beside z); the prior stays N(0, I). No layer behaves differently in train and eval mode, so
+    evaluating during training needs no mode switch."""
 
     def __init__(self, mcfg, shape, binary):
         super().__init__()
         c, h, w = shape
-        self.shape, self.z_dim, self.binary = shape, mcfg.z_dim, binary
+        self.shape, self.z_dim, self.binary, self.arch = shape, mcfg.z_dim, binary, mcfg.arch
+        self.conditional = mcfg.conditional
         k = 1 if binary else 2  # decoder numbers per sub-pixel: a logit, or a (mean, log-scale) pair
         d = c * h * w
+        n_y = common.NUM_CLASSES if mcfg.conditional else 0  # the one-hot label's share of each input
         if mcfg.arch == "mlp":
             sizes = [mcfg.hidden] * mcfg.layers
-            self.encoder = nn.Sequential(nn.Flatten(), mlp([d, *sizes, 2 * mcfg.z_dim]))
-            self.decoder = nn.Sequential(mlp([mcfg.z_dim, *sizes, k * d]), nn.Unflatten(1, (k * c, h, w)))
+            self.encoder = nn.Sequential(nn.Flatten(), mlp([d + n_y, *sizes, 2 * mcfg.z_dim]))
+            self.decoder = nn.Sequential(mlp([mcfg.z_dim + n_y, *sizes, k * d]), nn.Unflatten(1, (k * c, h, w)))
         else:
-            self.encoder = conv_encoder(c, h, w, mcfg.channels, mcfg.blocks, 2 * mcfg.z_dim)
-            self.decoder = conv_decoder(mcfg.z_dim, k * c, h, w, mcfg.channels, mcfg.blocks)
+            self.encoder = conv_encoder(c + n_y, h, w, mcfg.channels, mcfg.blocks, 2 * mcfg.z_dim)
+            self.decoder = conv_decoder(mcfg.z_dim + n_y, k * c, h, w, mcfg.channels, mcfg.blocks)
 
-    def encode(self, x):
-        """x -> (mu, logvar) of q(z|x); x in {0, 1} (binary) or [-1, 1] (colour)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+    def encode(self, x, y=None):
+        """x (and its label y, a conditional model) -> (mu, logvar) of q(z|x) (or q(z|x,y)); x in {0, 1} (binary)
+        or [-1, 1] (colour)."""
+        if self.arch == "mlp":
+            x = x.flatten(1)  # the label joins the 784 pixels as 10 more inputs, not 10 more planes of 784
+        mu, logvar = self.encoder(with_label(x, y)).chunk(2, dim=1)
         return mu, logvar
 
-    def forward(self, x):
-        """The training pass: (mu, logvar) of q(z|x), and log p(x|z) for one z ~ q(z|x) drawn by `reparameterize`
-        (with the loss, below). The loss goes through forward() alone, so that DDP can average its gradients."""
-        mu, logvar = self.encode(x)
+    def decode(self, z, y=None):
+        """z (and the label y, a conditional model) -> the decoder's output, the parameters of p(x|z) (or p(x|z,y))."""
+        return self.decoder(with_label(z, y))
+
+    def forward(self, x, y=None):
+        """The training pass: (mu, logvar) of q(z|x,y), and log p(x|z,y) for one z ~ q(z|x,y) drawn by
+        `reparameterize` (with the loss, below; y None for an unconditional model). The loss goes through forward()
+        alone, so that DDP can average its gradients."""
+        mu, logvar = self.encode(x, y)
         z = reparameterize(mu, logvar)  # the global generator: restored by --resume, untouched by evaluations
-        return mu, logvar, self.log_px_given_z(self.decoder(z), x)
+        return mu, logvar, self.log_px_given_z(self.decode(z, y), x)
 
     def log_px_given_z(self, net_out, x):
         """log p_theta(x|z) in nats per image, from the decoder's output (logits, or means and log-scales)."""
@@ -202,9 +238,10 @@ def eval_images(model, x_uint8):
     return common.fixed_binarization(x_uint8) if model.binary else common.uint8_to_signed(x_uint8)
 
 
-def loss_fn(model, x, beta=1.0):
-    """Negative ELBO = reconstruction -E_q[log p(x|z)] (one z per image) + beta * KL(q(z|x) || p(z))."""
-    mu, logvar, log_px_z = model(x)  # z = mu + sigma * eps inside, one z per image
+def loss_fn(model, x, beta=1.0, y=None):
+    """Negative ELBO = reconstruction -E_q[log p(x|z)] (one z per image) + beta * KL(q(z|x) || p(z)); for a
+    conditional model (labels y) the CVAE's, -log p(x|y) <= -E_q(z|x,y)[log p(x|z,y)] + KL(q(z|x,y) || p(z))."""
+    mu, logvar, log_px_z = model(x, y)  # z = mu + sigma * eps inside, one z per image
     rec = -log_px_z.float()  # one-sample estimate of -E_q[log p(x|z)]
     kl = kl_to_prior(mu.float(), logvar.float())
     loss = (rec + beta * kl).mean()
@@ -215,11 +252,12 @@ def loss_fn(model, x, beta=1.0):
 # ----------------------------------------------------------------------------- the sampler
 
 @torch.no_grad()
-def sample_prior(model, n, rng):
-    """x ~ p(x|z), z ~ p(z) = N(0, I), z drawn from `rng` (on any device: a CPU generator gives the same samples
-    on every device); returns the Bernoulli (or logistic) means, n x C x H x W in [0, 1]."""
+def sample_prior(model, n, rng, y=None):
+    """x ~ p(x|z) (p(x|z,y): a conditional model, labels y), z ~ p(z) = N(0, I), z drawn from `rng` (on any device:
+    a CPU generator gives the same samples on every device); returns the Bernoulli (or logistic) means,
+    n x C x H x W in [0, 1]."""
     z = torch.randn(n, model.z_dim, generator=rng, device=rng.device)
-    return model.mean_image(model.decoder(z.to(next(model.parameters()).device)))
+    return model.mean_image(model.decode(z.to(next(model.parameters()).device), y))
 
 
 # ----------------------------------------------------------------------------- evaluation: ELBO and IW log p(x)
@@ -230,18 +268,21 @@ def log_normal(z, mu, logvar):
 
 
 @torch.no_grad()
-def elbo_and_iw(model, x, k, chunk=4096, rng=None):
+def elbo_and_iw(model, x, k, chunk=4096, rng=None, y=None):
     """For each image: (ELBO, IW estimate of log p(x)) with K samples z_k ~ q(z|x) (Burda et al. 2016):
         ELBO  ~ 1/K sum_k log p(x|z_k) - KL(q(z|x) || p(z))        (closed-form KL)
         log p(x) ~ log 1/K sum_k w_k,  w_k = p(x|z_k) p(z_k) / q(z_k|x)
+    For a conditional model, given the labels y, the same with every distribution conditioned on y but p(z):
+    bounds on log p(x|y), w_k = p(x|z_k,y) p(z_k) / q(z_k|x,y).
     The K samples are drawn from `rng` in chunks of at most `chunk` decoder evaluations (memory stays bounded)."""
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode(x, y)
     b, per = len(x), max(1, chunk // len(x))  # samples per image in one chunk
     log_w, log_px_z = [], []
     for start in range(0, k, per):
         n = min(per, k - start)
         z = reparameterize(mu.expand(n, -1, -1), logvar.expand(n, -1, -1), rng=rng)  # n x B x z
-        net_out = model.decoder(z.flatten(0, 1)).unflatten(0, (n, b))  # n x B x C x H x W
+        y_n = None if y is None else y.repeat(n)  # z.flatten(0, 1) is sample-major: image i's label at i, B + i, ...
+        net_out = model.decode(z.flatten(0, 1), y_n).unflatten(0, (n, b))  # n x B x C x H x W
         lpxz = model.log_px_given_z(net_out, x).float()  # x broadcasts over the n samples: n x B
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
         log_w.append(lpxz + log_pz - log_normal(z, mu, logvar))  # log p(x|z) + log p(z) - log q(z|x)
@@ -253,14 +294,18 @@ def elbo_and_iw(model, x, k, chunk=4096, rng=None):
 
 
 @torch.no_grad()
-def mean_neg_elbo(model, x, rng, batch=500):
-    """Mean negative ELBO over images with one z each from `rng` (the cheap test figure logged during training)."""
-    total = sum(float(-elbo_and_iw(model, x[i:i + batch], 1, rng=rng)[0].sum()) for i in range(0, len(x), batch))
+def mean_neg_elbo(model, x, rng, batch=500, y=None):
+    """Mean negative ELBO over images (and labels y) with one z each from `rng` (the test figure logged in training)."""
+    total = 0.0
+    for i in range(0, len(x), batch):
+        elbo, _ = elbo_and_iw(model, x[i:i + batch], 1, rng=rng, y=None if y is None else y[i:i + batch])
+        total -= float(elbo.sum())
     return total / len(x)
 
 
 def load_for_inference(cfg):
-    """(the trained VAE in eval mode, the test images as uint8, their labels or None) from the run in --out."""
+    """(the trained VAE in eval mode, the test images as uint8, their labels or None) from the run in --out. The labels
+    come even for an unconditional model: latents.png colours the codes by them."""
     device = common.get_device(cfg.device)
     x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
     model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
@@ -270,23 +315,28 @@ def load_for_inference(cfg):
 
 def evaluate(cfg):
     """On the test set: -ELBO, the IW estimate of -log p(x) with K = --iw-samples, and their gap, which estimates
-    KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data)."""
-    model, x_test, _ = load_for_inference(cfg)
+    KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data). A conditional model is evaluated with the
+    test labels y: the bounds are on log p(x|y), and the rows say so."""
+    model, x_test, y_test = load_for_inference(cfg)
     x, part = eval_images(model, x_test[:cfg.eval_n or None]), common.shard(len(x_test[:cfg.eval_n or None]))
+    y = y_test[:len(x)] if model.conditional else None
     rng = torch.Generator(x.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own z
     per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
     sums = torch.zeros(2, dtype=torch.float64)  # sum of the ELBOs, sum of the IW estimates, over this rank's share
     for i in tqdm(range(part.start, part.stop, per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch",
                   disable=not common.is_main()):
-        e, w = elbo_and_iw(model, x[i:min(i + per_batch, part.stop)], cfg.iw_samples, cfg.eval_chunk, rng)
+        j = min(i + per_batch, part.stop)
+        e, w = elbo_and_iw(model, x[i:j], cfg.iw_samples, cfg.eval_chunk, rng, None if y is None else y[i:j])
         sums += torch.stack([e.double().sum(), w.double().sum()]).cpu()
     neg_elbo, iw_nll = (-common.sum_over_ranks(sums) / len(x)).tolist()
-    rows = {"negative ELBO (nats/image)": neg_elbo, "IW NLL -log p(x) (nats/image)": iw_nll,
-            "gap KL(q(z|x) || p(z|x)), IW estimate (nats/image)": neg_elbo - iw_nll}
+    given = ("x|y", "x,y") if model.conditional else ("x", "x")  # a conditional model: given its label, p(x|y)
+    rows = {"negative ELBO (nats/image)": neg_elbo, f"IW NLL -log p({given[0]}) (nats/image)": iw_nll,
+            f"gap KL(q(z|{given[1]}) || p(z|{given[1]})), IW estimate (nats/image)": neg_elbo - iw_nll}
     if not model.binary:  # 8-bit colour: also in bits per sub-pixel, the unit papers report
         dims = math.prod(model.shape)
         rows |= {k.replace("nats/image", "bits/dim"): common.nats_to_bits_per_dim(v, dims) for k, v in rows.items()}
-    title = f"{len(x)} test images of {cfg.model.dataset}, K = {cfg.iw_samples} importance samples per image"
+    title = (f"{len(x)} test images of {cfg.model.dataset}{' and their labels y' if y is not None else ''}, "
+             f"K = {cfg.iw_samples} importance samples per image")
     return common.report(cfg.out, title, rows, n=len(x), iw_samples=cfg.iw_samples)
 
 
@@ -295,10 +345,12 @@ def evaluate(cfg):
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
-    x_test, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    x_train, y_train = common.load_split(cfg, "train", device)  # y: the labels, for a conditional model only
+    x_test, y_test = common.load_split(cfg, "test", device)
     model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here: nothing written yet
     x_test = eval_images(model, x_test[:1000])  # the test-ELBO figure of the log: 1000 fixed test images
+    y_test = None if y_test is None else y_test[:1000]
+    y_grid = common.class_labels(cfg, cfg.num_samples, device)  # the grids' classes; a --label it cannot take stops here
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
     batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
@@ -308,7 +360,8 @@ def train(cfg):
     forward_model = common.ddp(model)  # under torchrun, DDP averages the gradients over the ranks
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn  # compiling the function keeps state_dict keys
     common.say(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.model.arch}, z {cfg.model.z_dim}, "
-          f"{'binarized' if model.binary else '8-bit'} {tuple(x_train.shape[1:])}, {device}")
+          f"{'binarized' if model.binary else '8-bit'} {tuple(x_train.shape[1:])}, {device}"
+          f"{', conditional on the class' * model.conditional}")
     start, log = step, common.Logger(out, cfg.steps, step)
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "vae", cfg, step, rng, model=model, opt=opt)
     with common.CtrlC() as ctrl_c:
@@ -316,9 +369,11 @@ def train(cfg):
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            x = prepare(model, common.random_batch(x_train, batch_size, data_rng), data_rng)
+            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
+            x, y = batch if y_train is not None else (batch, None)
+            x = prepare(model, x, data_rng)
             with common.autocast(device, cfg.precision):
-                loss, figures = step_loss(forward_model, x, cfg.beta)
+                loss, figures = step_loss(forward_model, x, cfg.beta, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             figures["grad_norm"] = nn.utils.get_total_norm([p.grad for p in model.parameters()])  # not clipped
@@ -333,14 +388,15 @@ def train(cfg):
             pictures = (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main()
             if pictures:  # logged on this step's line; the same z at every evaluation, from a generator of its own
                 test_neg_elbo = common.run_safely("the test ELBO", lambda: mean_neg_elbo(
-                    model, x_test, torch.Generator(device).manual_seed(cfg.seed)))
+                    model, x_test, torch.Generator(device).manual_seed(cfg.seed), y=y_test))
                 if test_neg_elbo is not None:
                     figures["test_neg_elbo"] = test_neg_elbo
             if step % cfg.log_every == 0 or pictures:
                 log.log(step, **figures)
             if pictures:  # the same z in every grid of the run
                 common.run_safely("the sample grid", lambda: common.save_grid(sample_prior(
-                    model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed)), out / f"samples_{step}.png"))
+                    model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed), y_grid), out / f"samples_{step}.png",
+                    labels=y_grid))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
@@ -354,37 +410,52 @@ PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39,
 
 
 @torch.no_grad()
-def reconstructions(model, x, rows=4, cols=8):
-    """Rows of test inputs, each over its reconstruction (the decoder's mean at z = mu)."""
+def reconstructions(model, x, y=None, rows=4, cols=8):
+    """Rows of test inputs, each over its reconstruction (the decoder's mean at z = mu; a conditional model encodes
+    and decodes with the images' true labels y)."""
     cols = min(cols, len(x))
     x = x[:cols * min(rows, len(x) // cols)]
-    rec = model.mean_image(model.decoder(model.encode(x)[0]))
+    y = None if y is None else y[:len(x)]
+    rec = model.mean_image(model.decode(model.encode(x, y)[0], y))
     show = x if model.binary else common.signed_to_unit(x)
     return torch.stack([show.unflatten(0, (-1, cols)), rec.unflatten(0, (-1, cols))], 1).flatten(0, 2), cols
 
 
 @torch.no_grad()
-def interpolation(model, x, pairs=8, steps=10):
-    """Decode z = (1 - t) mu_a + t mu_b, t from 0 to 1, between the posterior means of pairs of test images."""
+def interpolation(model, x, y=None, pairs=8, steps=10):
+    """Decode z = (1 - t) mu_a + t mu_b, t from 0 to 1, between the posterior means of pairs of test images. A
+    conditional model's decoder takes (z, one-hot y): the line runs through both, y = (1 - t) y_a + t y_b, so each
+    end is that image's reconstruction with its true label, and between them the class fades from a's to b's."""
     pairs = max(1, min(pairs, len(x) // 2))
-    mu = model.encode(x[:2 * pairs])[0]
+    y = None if y is None else F.one_hot(y[:2 * pairs], common.NUM_CLASSES).float()
+    mu = model.encode(x[:2 * pairs], y)[0]
     t = torch.linspace(0, 1, steps, device=mu.device)[None, :, None]
-    z = (1 - t) * mu[0::2, None] + t * mu[1::2, None]  # pairs x steps x z
-    return model.mean_image(model.decoder(z.flatten(0, 1)))
+    line = lambda v: ((1 - t) * v[0::2, None] + t * v[1::2, None]).flatten(0, 1)  # pairs x steps, flattened
+    return model.mean_image(model.decode(line(mu), None if y is None else line(y)))
 
 
 @torch.no_grad()
-def manifold(model, n=20):
-    """z_dim = 2: decode a grid of prior quantiles z = Phi^-1(p), p in (0.05 .. 0.95), like Kingma & Welling fig. 4."""
+def manifold(model, n=20, label=None):
+    """z_dim = 2: decode a grid of prior quantiles z = Phi^-1(p), p in (0.05 .. 0.95), like Kingma & Welling fig. 4.
+    A conditional model draws it for one class, `label`; with no label, row c decodes the grid's z1 quantiles at
+    z2 = 0 with class c, so each column holds one z: y sets the class, z the style."""
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
-    z = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij")[::-1], -1).flatten(0, 1)  # rows: z2 high to low
-    return model.mean_image(model.decoder(z.to(next(model.parameters()).device)))
+    y = None if label is None else torch.full((n * n,), label)
+    if label is None and model.conditional:
+        z = torch.stack([q, torch.zeros(n)], -1).repeat(common.NUM_CLASSES, 1)  # 10 rows of n columns
+        y = torch.arange(common.NUM_CLASSES).repeat_interleave(n)
+    else:
+        z = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij")[::-1], -1).flatten(0, 1)  # rows: z2 high to low
+    device = next(model.parameters()).device
+    return model.mean_image(model.decode(z.to(device), None if y is None else y.to(device)))
 
 
 @torch.no_grad()
 def latent_scatter(model, x, y, size=400, lim=4.0):
-    """z_dim = 2: the posterior means of test images as dots coloured by label, drawn into a 3 x size x size image."""
-    mu = torch.cat([model.encode(x[i:i + 1000])[0] for i in range(0, len(x), 1000)]).cpu()
+    """z_dim = 2: the posterior means of test images as dots coloured by label, drawn into a 3 x size x size image.
+    A conditional model encodes with the labels, q(z|x,y): y is given, z need not hold the class, and the colours mix."""
+    chunk = lambda i: (x[i:i + 1000], y[i:i + 1000]) if model.conditional else (x[i:i + 1000],)
+    mu = torch.cat([model.encode(*chunk(i))[0] for i in range(0, len(x), 1000)]).cpu()
     pix = ((mu.clamp(-lim, lim) + lim) / (2 * lim) * (size - 3)).long()  # z in [-lim, lim] -> pixel, 1 px margin
     img = torch.ones(3, size, size)
     colors = PALETTE[y.cpu() % 10] if y is not None else PALETTE[:1].expand(len(mu), 3)  # folders have no labels
@@ -395,24 +466,29 @@ def latent_scatter(model, x, y, size=400, lim=4.0):
 
 
 def sample_from_checkpoint(cfg):
-    """samples.png (the first 256) and samples.pt from the prior; reconstructions.png and interpolation.png of test
-    images; with z_dim 2 also manifold.png and latents.png."""
+    """samples.png (the first 256) and samples.pt from the prior (and labels.pt: a conditional model, of the classes
+    --label asks for); reconstructions.png and interpolation.png of test images; with z_dim 2 also manifold.png and
+    latents.png."""
     if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
         return
     model, x_test, y_test = load_for_inference(cfg)
     out, x = Path(cfg.out), eval_images(model, x_test)
+    labels = common.class_labels(cfg, cfg.num_samples, x.device)  # None (unconditional), or the classes to draw
+    y = y_test if model.conditional else None  # the true labels, for the pictures of test images
     start, rng = time.time(), torch.Generator().manual_seed(cfg.seed)
-    samples = torch.cat([sample_prior(model, min(1000, cfg.num_samples - i), rng).float().cpu()
+    samples = torch.cat([sample_prior(model, min(1000, cfg.num_samples - i), rng,
+                                      None if labels is None else labels[i:i + 1000]).float().cpu()
                          for i in range(0, cfg.num_samples, 1000)])  # bounded memory for any --num-samples
     seconds = time.time() - start
-    common.save_grid(samples[:256], out / "samples.png")
-    torch.save(samples, out / "samples.pt")
-    grid, cols = reconstructions(model, x)
+    common.save_samples(cfg, samples)
+    grid, cols = reconstructions(model, x, y)
     common.save_grid(grid, out / "reconstructions.png", nrow=cols)
-    common.save_grid(interpolation(model, x), out / "interpolation.png", nrow=10)
-    names = ["samples.png", f"samples.pt {tuple(samples.shape)}", "reconstructions.png", "interpolation.png"]
+    common.save_grid(interpolation(model, x, y), out / "interpolation.png", nrow=10)
+    names = ["samples.png", f"samples.pt {tuple(samples.shape)}"] + (["labels.pt"] if y is not None else [])
+    names += ["reconstructions.png", "interpolation.png"]
     if cfg.model.z_dim == 2:
-        common.save_grid(manifold(model), out / "manifold.png", nrow=20)
+        label = cfg.label if cfg.label >= 0 else None
+        common.save_grid(manifold(model, label=label), out / "manifold.png", nrow=20)
         common.save_grid(latent_scatter(model, x, y_test)[None], out / "latents.png", nrow=1)
         names += ["manifold.png", "latents.png"]
     print(f"{len(samples)} samples in {seconds:.2f}s; wrote {', '.join(names)} in {out}")

@@ -54,6 +54,16 @@ def data_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of models too small to gain from a second thread: on a busy shared CPU every op of a 2-thread run
+    waits at a barrier for the descheduled thread (seen: 10x slower); restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sigint_at(monkeypatch, step):
     """Send Ctrl-C (SIGINT) to this process right after the progress line of `step` (run with --log-every 1)."""
     import os

@@ -193,7 +193,7 @@ def test_train_sample_and_eval_need_no_model_flags(data_dir, tmp_path, capsys):
     assert [r["step"] for r in logs] == [1, 2, 3]
     for r in logs:
         assert all(math.isfinite(r[k]) for k in ("d_loss", "g_loss", "D_x", "D_G_z")) and 0 < r["D_x"] < 1
-    assert ckpt(out)["model_config"] == dict(dataset="mnist", z_dim=8, g_channels=4, d_channels=4)
+    assert ckpt(out)["model_config"] == dict(dataset="mnist", conditional=False, z_dim=8, g_channels=4, d_channels=4)
 
     capsys.readouterr()
     mode(data_dir, out, "--sample", "--num-samples", "6")
@@ -279,3 +279,101 @@ def test_a_diverging_step_is_never_applied_and_resume_goes_on(data_dir, tmp_path
     run(data_dir, out, "--steps", "6", "--resume")
     for net in ("G", "D"):
         assert same_weights(tmp_path / "one-go" / "ckpt.pt", out / "ckpt.pt", net), net
+
+
+# ----------------------------------------------------------------------------- the conditional GAN (--conditional)
+
+def halves(n, rng):
+    """8x8 images in [-1, 1] whose class decides the picture: class 0 has the left half on, class 1 the right half."""
+    y = torch.randint(0, 2, (n,), generator=rng)
+    left = (torch.arange(8) < 4).float().expand(n, 1, 8, 8)
+    x = torch.where(y[:, None, None, None] == 0, left, 1 - left)
+    return x * 2 - 1 + 0.1 * torch.randn(x.shape, generator=rng), y
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
+def test_conditional_samples_draw_the_asked_for_class():
+    """Trained on `halves` by Algorithm 1 with (x, y) and (z, y) pairs, G(z, 0) (G(z, 1)) must draw the left (right)
+    half brighter: the label, through G's embedding and D's projection, sets the class."""
+    torch.manual_seed(0)
+    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=8, d_channels=8, conditional=True), (1, 8, 8))
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in (G, D))
+    cfg, rng = types.SimpleNamespace(d_steps=1, g_loss="non-saturating"), torch.Generator().manual_seed(0)
+    real, noise = lambda: halves(64, rng), lambda: (torch.randn(64, 8), torch.randint(0, 2, (64,)))
+    for _ in range(150):
+        gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg)
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    for label in (0, 1):
+        x = gan.generate(G, z, torch.full((64,), label))
+        left_brighter = x[..., :4].mean((1, 2, 3)) > x[..., 4:].mean((1, 2, 3))
+        assert (left_brighter == (label == 0)).float().mean() >= 0.9, label
+
+
+def test_projection_discriminator_adds_embed_y_dot_phi_x():
+    """l(x, y) = psi(phi(x)) + embed(y)^T phi(x), with phi(x) the input of D's last layer and psi(phi(x)) its output
+    (read by a hook, not by D's own code): so l(x, y) - l(x, y') = (embed(y) - embed(y'))^T phi(x)."""
+    torch.manual_seed(0)
+    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
+    nn.init.normal_(D.embed.weight)  # zero at first; any weights must do
+    D.eval()
+    seen = []
+    D.net[-1].register_forward_hook(lambda m, inputs, output: seen.append((inputs[0].flatten(1), output.flatten())))
+    x, y, y2 = torch.rand(6, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 9]), torch.tensor([5, 5, 7, 8, 0, 9])
+    l1, l2 = D(x, y).double(), D(x, y2).double()
+    (phi, psi), _ = seen
+    phi, e = phi.double(), D.embed.weight.double()
+    torch.testing.assert_close(l1, psi.double() + (e[y] * phi).sum(1))
+    torch.testing.assert_close(l1 - l2, ((e[y] - e[y2]) * phi).sum(1))
+    assert (l1 - l2)[:5].abs().min() > 1e-3 and (l1 - l2)[5] == 0  # only the label changed, and only where it did
+    assert G(torch.randn(6, 8), y).shape == (6, 1, 28, 28)
+    assert not torch.equal(G.eval()(torch.zeros(2, 8), y[:2]), G(torch.zeros(2, 8), y2[:2]))  # G(z, y) reads y
+
+
+def refused(capsys, argv, *words):
+    """gan.main(argv) exits 2 with one line on stderr holding every one of `words`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        gan.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
+def test_conditional_run_samples_the_asked_for_class(data_dir, tmp_path):
+    out = tmp_path / "cond"
+    run(data_dir, out, "--steps", "2", "--conditional")
+    assert ckpt(out)["model_config"]["conditional"] is True
+    mode(data_dir, out, "--sample", "--num-samples", "12", "--label", "3")
+    threes = torch.load(out / "samples.pt")
+    assert threes.shape == (12, 1, 28, 28) and torch.equal(torch.load(out / "labels.pt"), torch.full((12,), 3))
+    for f in ("samples.png", "interpolation.png", "arithmetic.png"):
+        assert (out / f).exists(), f
+    mode(data_dir, out, "--sample", "--num-samples", "20")
+    every = torch.load(out / "samples.pt")
+    assert torch.equal(torch.load(out / "labels.pt"), torch.arange(20) % 10)
+    assert torch.equal(every[3], threes[3]) and not torch.equal(every[4], threes[4])  # the same z, the class asked
+    from PIL import Image
+    assert Image.open(out / "samples.png").size == (2 * 29 + 1, 10 * 29 + 1)  # one row per class, 2 images each
+    result = mode(data_dir, out, "--eval")
+    assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
+def test_label_needs_a_conditional_model_and_conditional_needs_labels(data_dir, tmp_path, capsys):
+    """--label on an unconditional checkpoint, and --conditional on a folder of images (no labels): exit 2, one line
+    naming the flag, nothing written."""
+    from conftest import folder_snapshot
+    out = tmp_path / "plain"
+    run(data_dir, out, "--steps", "1")
+    before = folder_snapshot(out)
+    refused(capsys, ["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", "--sample", "--label", "3"],
+            "--label 3", "--conditional")
+    assert folder_snapshot(out) == before
+    from PIL import Image
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (8, 8), i * 10).save(folder / f"{i:02d}.png")
+    new = tmp_path / "folder-cond"
+    refused(capsys, ["--dataset", str(folder), "--conditional", "--out", str(new), *MODEL, *RUN], "--conditional")
+    assert not new.exists()

@@ -15,14 +15,7 @@ MODEL = ["--arch", "mlp", "--hidden", "32", "--z-dim", "4"]
 RUN = ["--batch-size", "16", "--log-every", "2", "--sample-every", "3", "--ckpt-every", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are too small to gain from a second thread, and on a busy shared CPU every op of a 2-thread
-    run waits at a barrier for the descheduled thread (seen: 10x slower); restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are too small for a second thread
 
 
 def run(data_dir, out, *args, model=MODEL):
@@ -316,3 +309,109 @@ def test_latent_scatter_puts_a_dot_where_the_code_is(monkeypatch):
     torch.testing.assert_close(img[:, 50, 49], vae.PALETTE[3])  # z = (0, 0): the middle
     torch.testing.assert_close(img[:, 0, 99], vae.PALETTE[0])  # z = (4, 4): the top-right corner
     assert (img == 1).all(0).float().mean() > 0.99  # the rest is white
+
+
+# ----------------------------------------------------------------------------- the conditional VAE (--conditional)
+
+def halves(n, rng):
+    """8x8 binary images whose class decides the picture: class 0 has the left half on, class 1 the right half;
+    5% of the pixels flipped, so z has some noise to describe."""
+    y = torch.randint(0, 2, (n,), generator=rng)
+    left = (torch.arange(8) < 4).float().expand(n, 1, 8, 8)
+    x = torch.where(y[:, None, None, None] == 0, left, 1 - left)
+    return (x - (torch.rand(x.shape, generator=rng) < 0.05).float()).abs(), y
+
+
+def test_conditional_samples_draw_the_asked_for_class():
+    """Trained on `halves`, a CVAE sampled with label 0 (then 1) must draw the left (right) half brighter: the
+    label, not z, carries the class (an unconditional model would get about half of them right)."""
+    torch.manual_seed(0)
+    model = vae.build_model(vae.ModelConfig(arch="mlp", hidden=32, z_dim=2, conditional=True), (1, 8, 8))
+    opt, rng = torch.optim.Adam(model.parameters(), lr=1e-2), torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x, y = halves(64, rng)
+        loss, _ = vae.loss_fn(model, x, y=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for label in (0, 1):
+        x = vae.sample_prior(model, 64, torch.Generator().manual_seed(1), torch.full((64,), label))
+        left_brighter = x[..., :4].mean((1, 2, 3)) > x[..., 4:].mean((1, 2, 3))
+        assert (left_brighter == (label == 0)).float().mean() >= 0.9, label
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_both_architectures_take_the_label_in_encoder_and_decoder(arch):
+    torch.manual_seed(0)
+    model = vae.build_model(vae.ModelConfig(arch=arch, hidden=8, channels=4, blocks=1, z_dim=3, conditional=True),
+                            (1, 8, 8))
+    x, y, other = torch.randint(0, 2, (4, 1, 8, 8)).float(), torch.tensor([0, 3, 5, 9]), torch.tensor([1, 2, 6, 8])
+    assert not torch.equal(model.encode(x, y)[0], model.encode(x, other)[0])  # q(z|x,y)
+    z = torch.randn(4, 3)
+    assert model.decode(z, y).shape == (4, 1, 8, 8) and not torch.equal(model.decode(z, y), model.decode(z, other))
+    loss, figures = vae.loss_fn(model, x, y=y)
+    assert math.isfinite(loss.item()) and set(figures) >= {"rec", "kl", "neg_elbo"}
+
+
+def test_conditional_elbo_is_its_definition_and_the_iw_bound_is_above_it():
+    """elbo_and_iw with K = 1 against the CVAE ELBO written out: log p(x|y) >= E_q(z|x,y)[log p(x|z,y)] -
+    KL(q(z|x,y) || p(z)) with the same eps; the one-sample IW estimate is log p(x|z,y) + log p(z) - log q(z|x,y); and
+    with K = 50 the IW bound on log p(x|y) lies above the ELBO."""
+    torch.manual_seed(0)
+    model = vae.build_model(vae.ModelConfig(arch="mlp", hidden=8, z_dim=2, conditional=True), (1, 2, 2))
+    x, y = all_images(), torch.arange(16) % 10
+    elbo, iw = vae.elbo_and_iw(model, x, 1, rng=torch.Generator().manual_seed(5), y=y)
+    mu, logvar = model.encoder(torch.cat([x.flatten(1), torch.nn.functional.one_hot(y, 10).float()], 1)).chunk(2, 1)
+    z = mu + (0.5 * logvar).exp() * torch.randn((1, 16, 2), generator=torch.Generator().manual_seed(5))[0]
+    logits = model.decoder(torch.cat([z, torch.nn.functional.one_hot(y, 10).float()], 1))
+    log_px_zy = vae.bernoulli_log_prob(logits, x)
+    q, p = torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    kl = torch.distributions.kl_divergence(q, p).sum(1)
+    torch.testing.assert_close(elbo, log_px_zy - kl)
+    torch.testing.assert_close(iw, log_px_zy + p.log_prob(z).sum(1) - q.log_prob(z).sum(1))
+    other, _ = vae.elbo_and_iw(model, x, 1, rng=torch.Generator().manual_seed(5), y=(y + 1) % 10)
+    assert not torch.allclose(other, elbo)  # the same eps, other labels: another bound
+    many = x.repeat(200, 1, 1, 1)
+    elbo, iw = vae.elbo_and_iw(model, many, 50, chunk=2 ** 20, rng=torch.Generator().manual_seed(6), y=y.repeat(200))
+    assert iw.mean() > elbo.mean()
+
+
+def test_conditional_run_samples_the_asked_for_class_and_evaluates_log_p_x_given_y(data_dir, tmp_path):
+    out = tmp_path / "cond"
+    run(data_dir, out, "--steps", "3", "--conditional", model=["--arch", "mlp", "--hidden", "16", "--z-dim", "2"])
+    assert ckpt(out)["model_config"]["conditional"] is True
+    mode(data_dir, out, "--sample", "--num-samples", "12", "--label", "3")
+    threes = torch.load(out / "samples.pt", weights_only=True)
+    assert threes.shape == (12, 1, 28, 28) and torch.equal(torch.load(out / "labels.pt"), torch.full((12,), 3))
+    for name in ("samples.png", "reconstructions.png", "interpolation.png", "manifold.png", "latents.png"):
+        assert (out / name).exists(), name
+    mode(data_dir, out, "--sample", "--num-samples", "20")
+    every = torch.load(out / "samples.pt", weights_only=True)
+    assert torch.equal(torch.load(out / "labels.pt"), torch.arange(20) % 10)
+    assert torch.equal(every[3], threes[3]) and not torch.equal(every[4], threes[4])  # the same z, the class asked
+    from PIL import Image
+    assert Image.open(out / "samples.png").size == (2 * 29 + 1, 10 * 29 + 1)  # one row per class, 2 images each
+    result = mode(data_dir, out, "--eval", "--iw-samples", "3")
+    assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64
+    assert result["IW NLL -log p(x|y) (nats/image)"] <= result["negative ELBO (nats/image)"] + 1.0
+    assert "gap KL(q(z|x,y) || p(z|x,y)), IW estimate (nats/image)" in result
+
+
+def test_label_needs_a_conditional_model_and_conditional_needs_labels(data_dir, tmp_path, capsys):
+    """--label on an unconditional checkpoint, and --conditional on a folder of images (no labels): exit 2, one line
+    naming the flag, nothing written."""
+    from conftest import folder_snapshot
+    out = tmp_path / "plain"
+    run(data_dir, out, "--steps", "2")
+    before = folder_snapshot(out)
+    refused(capsys, ["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", "--sample", "--label", "3"],
+            "--label 3", "--conditional")
+    assert folder_snapshot(out) == before
+    from PIL import Image
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (8, 8), i * 10).save(folder / f"{i:02d}.png")
+    new = tmp_path / "folder-cond"
+    refused(capsys, ["--dataset", str(folder), "--conditional", "--out", str(new), *MODEL, *RUN], "--conditional")
+    assert not new.exists()
