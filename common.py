@@ -174,6 +174,7 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
     cfg.model = model_cls(**model)
     check_ranges(cfg)  # a recipe's values and a checkpoint's are held to the same ranges as flags
     check_ranges(cfg.model)
+    check_label(cfg)  # in every mode, --eval's included
     return cfg
 
 
@@ -457,13 +458,17 @@ def load_split(cfg, split, device):
 NUM_CLASSES = 10  # mnist, fashion-mnist and cifar10 all have ten classes
 
 
+def check_label(cfg):
+    if cfg.label >= 0 and not cfg.model.conditional:
+        raise UsageError(f"--label {cfg.label} needs a model trained with --conditional, and {cfg.out or 'this one'} "
+                         f"is not: drop --label, or train with --conditional")
+
+
 def class_labels(cfg, n, device, start=0):
     """The classes of images start .. start+n-1 to draw: None for an unconditional model (which refuses --label), all
     --label K, or with no --label the ten classes in turn (image i is class i mod 10, so any share is balanced)."""
     if not cfg.model.conditional:
-        if cfg.label >= 0:
-            raise UsageError(f"--label {cfg.label} needs a model trained with --conditional, and {cfg.out or 'this one'} "
-                             f"is not: drop --label, or train with --conditional")
+        check_label(cfg)
         return None
     if cfg.label >= 0:
         return torch.full((n,), cfg.label, dtype=torch.long, device=device)

@@ -8,6 +8,8 @@ vector. On N samples it reports, against the MNIST test set:
     precision the fraction of samples inside the test images' feature manifold, recall the fraction of N test
               images inside the samples' (k-nearest-neighbour balls, Kynkaanniemi et al. 2019, k = 3)
     classes   the histogram of predicted classes and its entropy over log 10 (1 = all ten digits equally often)
+    asked     for the samples of a --conditional model (labels.pt beside samples.pt): the fraction classified as the
+              class they were drawn for (chance: 0.1; the classifier itself gets about 0.99 of real test digits)
 
 The figures depend on N (FD is biased upward at small N), so compare only at one N, next to the floors:
 real training images (the best any model can do), the same stochastically binarized (the best for a model
@@ -145,18 +147,22 @@ def class_entropy(counts):
     return -(p * p.clamp(min=1e-12).log()).sum().item() / math.log(10) + 0.0  # + 0.0: no -0.0
 
 
-def score(model, images, test_feats, real_feats):
+def score(model, images, test_feats, real_feats, labels=None):
     """Every figure for one set of N images in [0, 1]; real_feats: N test images' features (precision/recall)."""
     probs, feats = predict(model, images)
     counts = torch.bincount(probs.argmax(1), minlength=10)
     precision, recall = precision_recall(feats, real_feats)
-    return dict(n=len(images), fd=round(frechet_distance(feats, test_feats), 2), precision=round(precision, 3),
-                recall=round(recall, 3), class_entropy=round(class_entropy(counts), 3), classes=counts.tolist())
+    row = dict(n=len(images), fd=round(frechet_distance(feats, test_feats), 2), precision=round(precision, 3),
+               recall=round(recall, 3), class_entropy=round(class_entropy(counts), 3), classes=counts.tolist())
+    if labels is not None:  # a conditional model's samples: how often the classifier sees the class asked for
+        row["asked"] = round((probs.argmax(1).cpu() == labels.cpu()).float().mean().item(), 3)
+    return row
 
 
 def print_row(name, row):
+    asked = f" | asked class {row['asked']:.3f}" if "asked" in row else ""
     print(f"{name:>34}: N {row['n']} | FD {row['fd']:7.2f} | precision {row['precision']:.3f} | recall "
-          f"{row['recall']:.3f} | class entropy {row['class_entropy']:.3f} | classes {row['classes']}")
+          f"{row['recall']:.3f} | class entropy {row['class_entropy']:.3f}{asked} | classes {row['classes']}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -178,6 +184,13 @@ def read_samples(path, size=28):
         raise common.UsageError(f"{path}: expected N x 1 x {size} x {size} images in [0, 1] (MNIST samples), "
                                 f"got {tuple(x.shape)} in [{x.min():.3g}, {x.max():.3g}]")
     return x
+
+
+def read_labels(path):
+    """The classes the samples in `path` were drawn for: labels.pt beside a samples.pt (a --conditional model's
+    --sample writes it), else None."""
+    labels = Path(path).with_name("labels.pt")
+    return torch.load(labels, weights_only=True) if Path(path).suffix == ".pt" and labels.is_file() else None
 
 
 def floors(data, n, seed=0):
@@ -216,11 +229,13 @@ def main(argv=None):
     model, data = mnist_classifier(Path(args.classifier), torch.device("cpu"))
     test_feats, real_feats = reference(model, data, args.n)
     sets = floors(data, args.n) if args.what == "floors" else {s: read_samples(s)[:args.n] for s in args.samples}
+    labels = {} if args.what == "floors" else {s: read_labels(s) for s in args.samples}
     rows = {}
     for name, images in sets.items():
         if len(images) < args.n:
             raise common.UsageError(f"{name}: {len(images)} images, fewer than --n {args.n}; draw more or lower --n")
-        rows[name] = score(model, images, test_feats, real_feats)
+        asked = labels.get(name)
+        rows[name] = score(model, images, test_feats, real_feats, None if asked is None else asked[:args.n])
         print_row(name, rows[name])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -51,14 +51,15 @@ def refuses(script, argv, words, capsys, folder=None):
 NUMBERS = [  # (script or None for all, flag, value): each outside its declared range
     (None, "--batch-size", "-1"), (None, "--batch-size", "0"), (None, "--lr", "nan"), (None, "--lr", "0"),
     (None, "--steps", "0"), (None, "--steps", "-3"), (None, "--ckpt-every", "0"), (None, "--log-every", "0"),
-    (None, "--num-samples", "0"),
+    (None, "--num-samples", "0"), (None, "--label", "10"), (None, "--label", "-2"),
     ("ddpm", "--warmup", "0"), ("ddpm", "--timesteps", "0"), ("ddpm", "--dropout", "2"), ("ddpm", "--channels", "0"),
-    ("ddpm", "--num-res-blocks", "-1"), ("ddpm", "--ema-decay", "nan"),
+    ("ddpm", "--num-res-blocks", "-1"), ("ddpm", "--ema-decay", "nan"), ("ddpm", "--guidance", "-1"),
+    ("ddpm", "--p-uncond", "1"),
     ("vae", "--z-dim", "0"), ("vae", "--hidden", "0"), ("vae", "--layers", "-1"), ("vae", "--iw-samples", "0"),
     ("vae", "--eval-chunk", "0"), ("vae", "--channels", "0"), ("vae", "--blocks", "-1"),
     ("gan", "--ema-decay", "nan"), ("gan", "--g-channels", "0"), ("gan", "--d-channels", "-2"), ("gan", "--z-dim", "0"),
     ("gan", "--d-steps", "0"),
-    ("pixelcnn", "--layers", "0"), ("pixelcnn", "--channels", "0"), ("pixelcnn", "--label", "10"),
+    ("pixelcnn", "--layers", "0"), ("pixelcnn", "--channels", "0"),
     ("pixelrnn", "--layers", "0"), ("pixelrnn", "--hidden", "0"), ("pixelrnn", "--head", "-1"),
 ]
 CASES = [(s, f, v) for script, f, v in NUMBERS for s in ([script] if script else SCRIPTS)]
@@ -87,6 +88,30 @@ def test_data_errors(script, data_dir, tmp_path, capsys):
     (few / "broken.png").write_bytes(b"not a png")
     refuses(script, TINY[script] + RUN + ["--dataset", str(few), "--out", str(out)], ["broken.png"], capsys)
     assert not out.exists() and not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_conditional_needs_a_dataset_with_labels(script, tmp_path, capsys):
+    folder, out = tmp_path / "faces", tmp_path / "new"
+    folder.mkdir()
+    from PIL import Image
+    for i in range(12):
+        Image.new("L", (28, 28), i * 20).save(folder / f"{i}.png")
+    refuses(script, TINY[script] + RUN + ["--dataset", str(folder), "--conditional", "--out", str(out)],
+            ["--conditional", "needs class labels", str(folder)], capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_label_for_an_unconditional_model(script, runs, data_dir, tmp_path, capsys):
+    run, out = runs / script, tmp_path / "new"
+    refuses(script, ["--out", str(run), "--sample", "--label", "3"], ["--label 3", "--conditional", "drop --label"],
+            capsys, run)
+    refuses(script, TINY[script] + RUN + ["--data-dir", str(data_dir), "--label", "3", "--out", str(out)],
+            ["--label 3", "--conditional"], capsys)
+    assert not out.exists()
+    if script == "ddpm":  # guidance mixes in the null class, which only a conditional model has
+        refuses(script, ["--out", str(run), "--sample", "--guidance", "2"], ["--guidance 2", "--conditional"], capsys, run)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

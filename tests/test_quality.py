@@ -81,3 +81,14 @@ def test_the_floors_come_in_order_real_blurred_one_class():
                                             "real, one class (7)"))
     assert real["fd"] < blurred["fd"] < one["fd"]
     assert one["recall"] < real["recall"] and one["class_entropy"] < 0.2 < 0.9 < real["class_entropy"]
+    # asked class: the real images' own labels are what the classifier sees; a shift of every label by one is not
+    images, labels = x_test[:300], y_test[:300]
+    assert Q.score(model, images, test_feats, real_feats, labels)["asked"] > 0.9
+    assert Q.score(model, images, test_feats, real_feats, (labels + 1) % 10)["asked"] < 0.1
+
+
+def test_labels_are_read_from_beside_a_samples_file(tmp_path):
+    torch.save(torch.rand(4, 1, 28, 28), tmp_path / "samples.pt")
+    assert Q.read_labels(tmp_path / "samples.pt") is None  # an unconditional model's samples
+    torch.save(torch.tensor([3, 3, 1, 0]), tmp_path / "labels.pt")
+    assert torch.equal(Q.read_labels(tmp_path / "samples.pt"), torch.tensor([3, 3, 1, 0]))
