@@ -11,12 +11,20 @@ forward pass scores a whole image; sampling has to go pixel by pixel.
     [o_i, f_i, i_i, g_i] = sigma(K^ss (*) h_{i-1} + K^is (*) x_i)       (sigma = sigmoid for o, f, i; tanh for g)
     c_i = f_i . c_{i-1} + i_i . g_i,      h_i = o_i . tanh(c_i)                       (paper eq. 3)
 
+With --conditional the model learns p(x | y) for a class y, as the conditional gated PixelCNN does (van den Oord
+et al. 2016, "Conditional Image Generation with PixelCNN Decoders", eq. 4): every LSTM layer adds a learned bias of
+the class (y one-hot) to its input-to-state gates. The class is no pixel, so every position may see it.
+
+    [o_i, f_i, i_i, g_i] = sigma(K^ss (*) h_{i-1} + K^is (*) x_i + V^T y)
+
 Run:
     python pixelrnn.py                      # the recipe for the device: quick on a CPU (12-13 min), full on a GPU
     python pixelrnn.py --arch row --out runs/pixelrnn-row   # Row LSTM
     python pixelrnn.py --eval               # exact NLL on the whole test set (nats/image, bits/dim)
     python pixelrnn.py --sample             # samples.png, samples.pt
     python pixelrnn.py --complete           # complete the bottom half of test images
+    python pixelrnn.py --conditional --out runs/pixelrnn-cond          # p(x | class), from the labels
+    python pixelrnn.py --out runs/pixelrnn-cond --sample --label 7     # sevens, from the conditional run
     python pixelrnn.py --receptive-field --layers 2 --hidden 6 --head 12    # Row LSTM triangle vs Diagonal BiLSTM
 """
 import dataclasses
@@ -49,6 +57,8 @@ class Config(common.RunConfig):
     sample_every: int = common.opt(2000, "steps between sample grids (each costs H*W*C network passes)", "[1, inf)")
     max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says (0 = no limit)", "[0, inf)")
     eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", "[0, inf)")
+    label: int = common.opt(-1, "the class a --conditional model draws (--sample, the grids of a run, --complete); -1: "
+                            "every class, one row each (--complete: each test image's own)", "[-1, 9]")
     fast: bool = common.opt(True, "sample with the recurrent states carried from pixel to pixel (--no-fast: the "
                             "network on every row so far for each sub-pixel; the same images)")
     complete: bool = common.opt(False, "complete the bottom half of test images with the checkpoint", mode="checkpoint")
@@ -165,6 +175,12 @@ class StateToState(nn.Module):
         self.b = nn.Parameter(torch.zeros(4, 1, 1, h).index_fill_(0, torch.tensor([1]), 1.0))
 
 
+def class_bias(embed, y):
+    """V^T y, the learned bias of class y for the 4h gates (B x 4h x 1 x 1), or 0 for an unconditional model (no
+    embedding). An nn.Embedding row is exactly V^T y for one-hot y; it is the same at every position."""
+    return 0 if embed is None else embed(y)[:, :, None, None]
+
+
 def scan_layout(gates, colors, steps_axis):
     """Masked convs give 4h channels colour-major ([R: o f i g][G: o f i g][B: ...]), so each gate channel
     has the colour of the state channel it feeds. B x 4h x H x W -> steps x 4 x B x positions x h, the
@@ -180,14 +196,16 @@ class RowLSTM(nn.Module):
     mask-B convolution along the row (the pixel to the left and the pixel itself, computed for the whole
     map); K^ss a k x 1 convolution over the row above's states, so h at (r, c) sees a triangle above it."""
 
-    def __init__(self, ch_in, h, colors, k=3):
+    def __init__(self, ch_in, h, colors, conditional=False, k=3):
         super().__init__()
         self.colors, self.k = colors, k
         self.input_to_state = MaskedConv2d(ch_in, 4 * h, (1, k), "B", colors)
         self.state_to_state = StateToState(h, k)
+        self.embed = nn.Embedding(common.NUM_CLASSES, 4 * h) if conditional else None  # V
 
-    def forward(self, x):  # B x ch_in x H x W -> B x h x H x W
-        gates = scan_layout(self.input_to_state(x), self.colors, 2)  # rows x 4 x B x W x h
+    def forward(self, x, y=None):  # B x ch_in x H x W (and the classes, B) -> B x h x H x W
+        x_is = self.input_to_state(x) + class_bias(self.embed, y)  # K^is (*) x + V^T y
+        gates = scan_layout(x_is, self.colors, 2)  # rows x 4 x B x W x h
         ss = self.state_to_state
         return lstm_scan(gates, ss.w, ss.b, self.k // 2, self.k // 2).permute(1, 3, 0, 2)
 
@@ -212,15 +230,18 @@ class DiagonalLSTM(nn.Module):
     convolution over the previous column (rows r-1 and r), i.e. over the pixels above and to the left of
     (r, c) in the image; one LSTM update per column (diagonal). h at (r, c) sees every (r' <= r, c' <= c)."""
 
-    def __init__(self, ch_in, h, colors):
+    def __init__(self, ch_in, h, colors, conditional=False):
         super().__init__()
         self.colors = colors
         self.input_to_state = MaskedConv2d(ch_in, 4 * h, 1, "B", colors)
         self.state_to_state = StateToState(h, 2)
+        self.embed = nn.Embedding(common.NUM_CLASSES, 4 * h) if conditional else None  # V
 
-    def forward(self, x):
-        # a 1x1 convolution acts per position, so convolving then skewing equals convolving the skewed map
-        gates = scan_layout(skew(self.input_to_state(x)), self.colors, 3)  # columns x 4 x B x H x h
+    def forward(self, x, y=None):
+        # a 1x1 convolution acts per position, so convolving then skewing equals convolving the skewed map; the class
+        # bias goes in before the skew, on the image's cells only (the skewed map's padding keeps K^is = 0)
+        x_is = self.input_to_state(x) + class_bias(self.embed, y)  # K^is (*) x + V^T y
+        gates = scan_layout(skew(x_is), self.colors, 3)  # columns x 4 x B x H x h
         hs = lstm_scan(gates, self.state_to_state.w, self.state_to_state.b, 1, 0)
         return unskew(hs.permute(1, 3, 2, 0), x.shape[3])
 
@@ -230,40 +251,41 @@ class DiagonalBiLSTM(nn.Module):
     and its output is shifted down one row before the two are added; without the shift it would see the
     pixels to the right in the same row, which are still in the future."""
 
-    def __init__(self, ch_in, h, colors):
+    def __init__(self, ch_in, h, colors, conditional=False):
         super().__init__()
-        self.forward_dir, self.backward_dir = DiagonalLSTM(ch_in, h, colors), DiagonalLSTM(ch_in, h, colors)
+        self.forward_dir, self.backward_dir = (DiagonalLSTM(ch_in, h, colors, conditional) for _ in range(2))
 
-    def forward(self, x):
-        right_to_left = self.backward_dir(x.flip(3)).flip(3)
-        return self.forward_dir(x) + F.pad(right_to_left, (0, 0, 1, 0))[:, :, :-1]  # shift down by one row
+    def forward(self, x, y=None):
+        right_to_left = self.backward_dir(x.flip(3), y).flip(3)
+        return self.forward_dir(x, y) + F.pad(right_to_left, (0, 0, 1, 0))[:, :, :-1]  # shift down by one row
 
 
 class ResidualBlock(nn.Module):
     """Figure 5: 2h features in, an LSTM layer to h, a 1x1 mask-B convolution back up to 2h, plus the input."""
 
-    def __init__(self, arch, h, colors):
+    def __init__(self, arch, h, colors, conditional):
         super().__init__()
-        self.lstm = (RowLSTM if arch == "row" else DiagonalBiLSTM)(2 * h, h, colors)
+        self.lstm = (RowLSTM if arch == "row" else DiagonalBiLSTM)(2 * h, h, colors, conditional)
         self.up = MaskedConv2d(h, 2 * h, 1, "B", colors)
 
-    def forward(self, x):
-        return x + self.up(self.lstm(x))
+    def forward(self, x, y):
+        return x + self.up(self.lstm(x, y))
 
 
 class PixelRNN(nn.Module):
     """7x7 mask-A convolution, residual LSTM layers, ReLU + 1x1 mask-B convolutions to the per-pixel logits
-    (B x C x levels x H x W: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit)."""
+    (B x C x levels x H x W: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit). A conditional
+    network takes the images' classes y too (a B-vector), which every LSTM layer adds to its gates."""
 
-    def __init__(self, arch, colors, binary, hidden, layers, head):
+    def __init__(self, arch, colors, binary, hidden, layers, head, conditional=False):
         super().__init__()
         self.colors, self.binary = colors, binary
         self.input = MaskedConv2d(colors, 2 * hidden, 7, "A", colors)
-        self.blocks = nn.ModuleList(ResidualBlock(arch, hidden, colors) for _ in range(layers))
+        self.blocks = nn.ModuleList(ResidualBlock(arch, hidden, colors, conditional) for _ in range(layers))
         self.output = nn.Sequential(nn.ReLU(), MaskedConv2d(2 * hidden, head, 1, "B", colors), nn.ReLU(),
                                     MaskedConv2d(head, colors * pixel_levels(binary), 1, "B", colors))
 
-    def forward(self, x):
+    def forward(self, x, y=None):
         # Pad 3 zero columns on the right (the 7x7 kernel's half-width). A mask-A feature never holds its own
         # pixel, so the last pixel of a row would otherwise live only in features of the next row, 1-3 columns
         # from its right end: pixel (r, c) with c < W-4 could never see (r-1, W-1), even with a Diagonal BiLSTM.
@@ -271,7 +293,7 @@ class PixelRNN(nn.Module):
         W = x.shape[3]
         h = self.input(F.pad(x, (0, 3)))
         for block in self.blocks:
-            h = block(h)
+            h = block(h, y)
         return pixel_logits(self.output(h[..., :W]).contiguous(), self.colors, self.binary)
 
 
@@ -283,7 +305,7 @@ def build_model(mcfg, shape):
         if value % colors:
             raise common.UsageError(f"--{name} {value} must be a multiple of {colors} with {colors}-channel images (the R, G, "
                                     f"B feature groups); try --{name} {value // colors * colors or colors} or {(value // colors + 1) * colors}")
-    return PixelRNN(mcfg.arch, colors, common.is_binary(colors), mcfg.hidden, mcfg.layers, mcfg.head)
+    return PixelRNN(mcfg.arch, colors, common.is_binary(colors), mcfg.hidden, mcfg.layers, mcfg.head, mcfg.conditional)
 
 
 # ----------------------------------------------------------------------------- likelihood and sampling
@@ -293,25 +315,27 @@ def net_input(v, binary, dtype=torch.float32):
     return v.to(dtype) * 2 - 1 if binary else v.to(dtype) / 127.5 - 1
 
 
-def nll(model, v, binary):
-    """-log p(x) in nats per image (a B-vector): one forward pass, the chain rule summed over all sub-pixels."""
-    logits = model(net_input(v, binary, next(model.parameters()).dtype))  # `model` may be wrapped (DDP, compile)
+def nll(model, v, binary, y=None):
+    """-log p(x) in nats per image (a B-vector): one forward pass, the chain rule summed over all sub-pixels; for a
+    conditional model -log p(x | y), y the images' classes."""
+    logits = model(net_input(v, binary, next(model.parameters()).dtype), y)  # `model` may be wrapped (DDP, compile)
     return pixel_nll(logits if logits.dtype == torch.float64 else logits.float(), v, binary)  # fp32 under bf16
 
 
 @torch.no_grad()
-def sample(model, v, binary, rng, start_row=0, fast=True, progress=False):
+def sample(model, v, binary, rng, start_row=0, fast=True, progress=False, y=None):
     """Fill rows start_row.. of v (B x C x H x W pixel values) one sub-pixel at a time, in raster order:
-    x_i ~ p(x_i | x_<i). The plain sampler (fast=False), the reference, runs the network on rows 0..r for every
-    sub-pixel of row r (it is causal, so rows below cannot matter); fast=True carries the recurrent state instead
-    (sample_carried, below): the same logits, so the same images for the same random numbers."""
+    x_i ~ p(x_i | x_<i), or p(x_i | x_<i, y) for a conditional model (y: the B classes to draw). The plain sampler
+    (fast=False), the reference, runs the network on rows 0..r for every sub-pixel of row r (it is causal, so rows
+    below cannot matter); fast=True carries the recurrent state instead (sample_carried, below): the same logits,
+    so the same images for the same random numbers."""
     if fast:
-        return sample_carried(model, v, binary, rng, start_row, progress)
+        return sample_carried(model, v, binary, rng, start_row, progress, y)
     v = v.clone()
     for r in tqdm(range(start_row, v.shape[2]), desc="sampling rows", leave=False, disable=not progress):
         for c in range(v.shape[3]):
             for ch in range(v.shape[1]):  # R, then G given R, then B given R and G
-                logits = model(net_input(v[:, :, :r + 1], binary, model.input.weight.dtype))[:, ch:ch + 1, :, r, c]
+                logits = model(net_input(v[:, :, :r + 1], binary, model.input.weight.dtype), y)[:, ch:ch + 1, :, r, c]
                 v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
     return v
 
@@ -339,8 +363,9 @@ class RowLSTMState:
     """A Row LSTM layer carried down the image. h at (r, c) needs K^is on row r (its input at c-1, c: kept in a
     cache) and the row above's h at c-1..c+1 and c at c (kept): one cell update per new position."""
 
-    def __init__(self, lstm, n, H, Wp, dtype):
+    def __init__(self, lstm, n, H, Wp, dtype, y):
         self.lstm, h, k = lstm, lstm.state_to_state.w.shape[-1], lstm.k
+        self.bias = class_bias(lstm.embed, y)  # V^T y, the same at every position
         state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
         self.x = lstm.state_to_state.w.new_zeros(n, lstm.input_to_state.in_channels, H + 2 * PAD, Wp + 2 * PAD, dtype=dtype)
         self.h = self.x.new_zeros(n, H + 1, Wp + 2 * (k // 2), h, dtype=state)  # [r + 1, c + k//2]: zero above and beside
@@ -352,7 +377,8 @@ class RowLSTMState:
     def at(self, x, r, c):
         """The layer's LSTM output at (r, c), B x h x 1 x 1, from its input there (B x 2h x 1 x 1)."""
         self.x[:, :, r + PAD, c + PAD] = x[:, :, 0, 0]  # K^is at (r, c + 1) reads it too
-        x_t = gates_at(conv_at(self.lstm.input_to_state, self.x, r, c), self.lstm.colors)
+        x_is = conv_at(self.lstm.input_to_state, self.x, r, c) + self.bias  # K^is (*) x + V^T y
+        x_t = gates_at(x_is, self.lstm.colors)
         k, n = self.lstm.k, x.shape[0]
         above = self.h[:, r, c:c + k].reshape(n, 1, -1)  # row r - 1 at c - k//2 .. c + k//2: K^ss's neighbours
         h, cell = lstm_cell(x_t, above, self.lstm.state_to_state.w, self.lstm.state_to_state.b, self.c[:, r, c][:, None])
@@ -370,8 +396,9 @@ class DiagonalBiLSTMState:
     once row r is complete one right-to-left sweep computes its states, which row r + 1 reads. (Both directions
     also run over the skewed map's cells beyond the image edge, whose K^is is zero; they are computed too.)"""
 
-    def __init__(self, bilstm, n, H, Wp, dtype):
+    def __init__(self, bilstm, n, H, Wp, dtype, y):
         self.fwd, self.bwd, self.H, self.Wp = bilstm.forward_dir, bilstm.backward_dir, H, Wp
+        self.bias = [class_bias(self.fwd.embed, y), class_bias(self.bwd.embed, y)]  # V^T y of each direction
         h, w = self.fwd.state_to_state.w.shape[-1], self.fwd.state_to_state.w
         state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
         # [direction][r + 1, c + H]: row -1 and the cells before the skewed map starts (c < -r) stay zero
@@ -394,18 +421,18 @@ class DiagonalBiLSTMState:
 
     def at(self, x, r, c):
         self.row[:, :, 0, c] = x[:, :, 0, 0]  # the backward sweep of row r reads it
-        h = self.cell(0, self.fwd, gates_at(self.fwd.input_to_state(x), self.fwd.colors), r, c)
+        h = self.cell(0, self.fwd, gates_at(self.fwd.input_to_state(x) + self.bias[0], self.fwd.colors), r, c)
         below = self.h[1][:, r, self.Wp - 1 - c + self.H]  # the backward state of (r - 1, c): the shift down a row
         return (h + below[:, None]).permute(0, 2, 1)[..., None]
 
     def end_row(self, r):
-        x_is = self.bwd.input_to_state(self.row.flip(3))  # K^is along row r, mirrored: B x 4h x 1 x Wp
+        x_is = self.bwd.input_to_state(self.row.flip(3)) + self.bias[1]  # K^is (*) x + V^T y on row r, mirrored
         zero = self.h[1].new_zeros(4, x_is.shape[0], 1, self.h[1].shape[-1])
         for m in range(-r, self.Wp):  # mirrored columns, right to left in the image
             self.cell(1, self.bwd, zero if m < 0 else gates_at(x_is[..., m:m + 1], self.bwd.colors), r, m)
 
 
-def sample_carried(model, v, binary, rng, start_row, progress):
+def sample_carried(model, v, binary, rng, start_row, progress, y=None):
     """The plain sampler's loop with every layer's state carried from pixel to pixel: for each new sub-pixel
     the stem (a 7x7 patch of the input), each layer's LSTM cell and the 1x1 convolutions run at (r, c) alone,
     H*W positions of work for an image instead of the plain sampler's (H*W)^2 / 2. The layers run on W + 3
@@ -414,7 +441,7 @@ def sample_carried(model, v, binary, rng, start_row, progress):
     n, C, H, W = v.shape
     Wp, dtype = W + 3, model.input.weight.dtype
     image = F.pad(net_input(v, binary, dtype), (PAD, PAD + 3, PAD, PAD))  # the stem's input as forward() pads it
-    layers = [(RowLSTMState if isinstance(b.lstm, RowLSTM) else DiagonalBiLSTMState)(b.lstm, n, H, Wp, dtype)
+    layers = [(RowLSTMState if isinstance(b.lstm, RowLSTM) else DiagonalBiLSTMState)(b.lstm, n, H, Wp, dtype, y)
               for b in model.blocks]
 
     def features_at(r, c):
@@ -455,29 +482,33 @@ def eval_pixels(x_uint8, binary):
 
 
 @torch.no_grad()
-def mean_nll(model, x_uint8, binary, batch_size):
-    """Exact NLL in nats per image, averaged over the given test images (under torchrun each rank scores its share)."""
+def mean_nll(model, x_uint8, binary, batch_size, y=None):
+    """Exact NLL in nats per image, averaged over the given test images (given their classes y, for a conditional
+    model); under torchrun each rank scores its share."""
     v_all, part = eval_pixels(x_uint8, binary), common.shard(len(x_uint8))
-    total = sum(nll(model, v_all[i:min(i + batch_size, part.stop)], binary).sum().item()
-                for i in tqdm(range(part.start, part.stop, batch_size), desc="exact NLL", leave=False))
+    batches = [slice(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)]
+    total = sum(nll(model, v_all[b], binary, None if y is None else y[b]).sum().item()
+                for b in tqdm(batches, desc="exact NLL", leave=False))
     return common.sum_over_ranks(total) / len(v_all)
 
 
-def report_nll(cfg, model, x_test, binary):
-    """The exact test NLL as a table and eval.json."""
-    x_test = x_test[:cfg.eval_n] if cfg.eval_n else x_test
+def report_nll(cfg, model, x_test, y_test, binary):
+    """The exact test NLL as a table and eval.json: -log p(x), or -log p(x | y) given the test labels y."""
+    n = cfg.eval_n or len(x_test)
+    x_test, y_test = x_test[:n], None if y_test is None else y_test[:n]
     start = time.time()
-    nats = mean_nll(model.eval(), x_test, binary, 4 * cfg.batch_size)
+    nats = mean_nll(model.eval(), x_test, binary, 4 * cfg.batch_size, y_test)
     rows = {"exact NLL (nats/image)": nats, "exact NLL (bits/dim)": common.nats_to_bits_per_dim(nats, x_test[0].numel())}
-    title = (f"test NLL on {len(x_test)} images of {cfg.model.dataset} ({'fixed binarization' if binary else '8-bit'}, "
-             f"{time.time() - start:.1f}s)")
+    given = " -log p(x | y), given the test labels y," if y_test is not None else ""
+    title = (f"test NLL{given} on {len(x_test)} images of {cfg.model.dataset} "
+             f"({'fixed binarization' if binary else '8-bit'}, {time.time() - start:.1f}s)")
     return common.report(cfg.out, title, rows, images=len(x_test))
 
 
 def receptive_field(model, shape, r, c):
     """|d logits(r, c) / d input|, summed over channels: nonzero exactly where the output pixel looks."""
     x = torch.rand(1, *shape, dtype=torch.float64, requires_grad=True)
-    model.double()(x)[:, :, :, r, c].sum().backward()
+    model.double()(x, torch.zeros(1, dtype=torch.long))[:, :, :, r, c].sum().backward()  # class 0, if it takes one
     return x.grad.abs().sum(1)[0]
 
 
@@ -492,21 +523,23 @@ def learning_rate(cfg, step, minutes):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def sample_grid(model, shape, binary, n, path, seed, fast):
-    """n samples as a PNG grid, from their own generator: training's random numbers are untouched."""
+def sample_grid(model, shape, binary, n, y, path, seed, fast):
+    """n samples (of the classes y: one row each) as a PNG grid, from their own generator: training's random
+    numbers are untouched."""
     device = model.input.weight.device
     v = sample(model.eval(), torch.zeros(n, *shape, device=device), binary, torch.Generator(device).manual_seed(seed),
-               fast=fast, progress=True)
+               fast=fast, progress=True, y=y)
     model.train()
-    common.save_grid(levels_to_unit(v, binary), path)
+    common.save_grid(levels_to_unit(v, binary), path, labels=y)
 
 
 def train(cfg):
     device = common.get_device(cfg.device)
     common.seed_everything(cfg.seed)
-    x_train, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "train", device)
-    x_test, _ = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    x_train, y_train = common.load_split(cfg, "train", device)  # the labels only for a --conditional model
+    x_test, y_test = common.load_split(cfg, "test", device)
     model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
+    y_grid = common.class_labels(cfg, min(cfg.num_samples, 64), device)  # so does a --label for an unconditional model
     binary = model.binary
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_rng = common.data_generator(device, cfg.seed)
@@ -528,10 +561,11 @@ def train(cfg):
             rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step, minutes)
-            batch = common.random_batch(x_train, batch_size, data_rng)
+            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
+            batch, y = batch if y_train is not None else (batch, None)
             v = common.binarize(batch, data_rng) if binary else batch  # a fresh stochastic binarization every step
             with common.autocast(device, cfg.precision):
-                nats = nll(forward_model, v, binary).mean()
+                nats = nll(forward_model, v, binary, y).mean()
             loss = nats / dims  # per sub-pixel: the same scale for any image size
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -546,12 +580,12 @@ def train(cfg):
                 log.log(step, nll_nats=nats, bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims), grad_norm=grad_norm)
             if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
                 common.run_safely("the sample grid", lambda: sample_grid(
-                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), out / f"samples_{step}.png", cfg.seed,
-                    cfg.fast))
+                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), y_grid, out / f"samples_{step}.png",
+                    cfg.seed, cfg.fast))
                 common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
     save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
     ctrl_c.exit_if_requested(step)
-    common.run_safely("the test NLL", lambda: report_nll(cfg, model, x_test, binary))
+    common.run_safely("the test NLL", lambda: report_nll(cfg, model, x_test, y_test, binary))
     model.train()
     common.say(f"done: {out}")
 
@@ -559,43 +593,48 @@ def train(cfg):
 # ----------------------------------------------------------------------------- the other modes
 
 def load_for_inference(cfg):
-    """(the trained model in eval mode, the test images as uint8, their labels) from the run in --out."""
+    """(the trained model in eval mode, the test images as uint8, their labels or None) from the run in --out."""
     device = common.get_device(cfg.device)
-    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    x_test, y_test = common.load_split(cfg, "test", device)  # the labels only for a --conditional model
     model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
     common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelrnn", model=model)
     return model.eval(), x_test, y_test
 
 
 def evaluate(cfg):
-    model, x_test, _ = load_for_inference(cfg)
-    return report_nll(cfg, model, x_test, model.binary)
+    model, x_test, y_test = load_for_inference(cfg)
+    return report_nll(cfg, model, x_test, y_test, model.binary)
 
 
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
-    start, n = time.time(), len(common.shard(cfg.num_samples))  # under torchrun each rank draws its share
+    start, part = time.time(), common.shard(cfg.num_samples)  # under torchrun each rank draws its share
+    y = common.class_labels(cfg, len(part), x_test.device, part.start)  # of images part.start..: gathered, all N's
     rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
-    v = sample(model, torch.zeros(n, *x_test.shape[1:], device=x_test.device), model.binary, rng, fast=cfg.fast,
-               progress=True)
+    v = sample(model, torch.zeros(len(part), *x_test.shape[1:], device=x_test.device), model.binary, rng, fast=cfg.fast,
+               progress=True, y=y)
     samples = common.gather_cat(levels_to_unit(v, model.binary).cpu())
-    if common.is_main():
-        common.save_grid(samples[:256], Path(cfg.out) / "samples.png")
-        torch.save(samples, Path(cfg.out) / "samples.pt")
-    common.say(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
+    common.save_samples(cfg, samples)
+    common.say(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt"
+               f"{', labels.pt' if y is not None else ''}")
 
 
 def complete(cfg, n=8, draws=3):
-    """Rows of the grid: originals, the top halves the model is given, then `draws` completions each."""
+    """Rows of the grid: originals, the top halves the model is given, then `draws` completions each. A conditional
+    model completes each image given its own class, or --label."""
     if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
         return
-    model, x_test, _ = load_for_inference(cfg)
+    model, x_test, y_test = load_for_inference(cfg)
     v = eval_pixels(x_test[:n], model.binary).float()
+    y = common.class_labels(cfg, len(v) * draws, v.device)  # None for an unconditional model, which refuses --label
+    if y is not None and cfg.label < 0:
+        y = y_test[:n].repeat(draws)  # each test image's own class, in the order of v.repeat below
     H = v.shape[2]
     occluded = v.clone()
     occluded[:, :, H // 2:] = 0.5 if model.binary else 127.5  # grey where the model must fill in
     rng = torch.Generator(v.device).manual_seed(cfg.seed)
-    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, fast=cfg.fast, progress=True)
+    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, fast=cfg.fast, progress=True,
+                    y=y)
     grid = levels_to_unit(torch.cat([v, occluded, filled]), model.binary).cpu()
     common.save_grid(grid, Path(cfg.out) / "completion.png", nrow=len(v))
     torch.save(grid, Path(cfg.out) / "completion.pt")

@@ -1,5 +1,6 @@
-"""Tests of pixelrnn.py: skew, causality of every layer and of the whole network (grey and colour), the
-receptive fields the paper describes, normalization on tiny images, a short toy run, and the CLI."""
+"""Tests of pixelrnn.py: skew, causality of every layer and of the whole network (grey and colour, with and without
+a class), the receptive fields the paper describes, normalization on tiny images, a short toy run, class-conditional
+samples, and the CLI."""
 import itertools
 import json
 import math
@@ -11,7 +12,7 @@ from PIL import Image
 
 import pixelcnn
 import pixelrnn as P
-from conftest import same_weights, sigint_at
+from conftest import fake_digits, folder_snapshot, same_weights, sigint_at, write_idx
 
 
 def raster(t):
@@ -31,11 +32,11 @@ def jacobian(f, x):
     return torch.stack([raster(torch.autograd.grad(y[i], x, retain_graph=True)[0]) for i in range(len(y))])
 
 
-def network_jacobian(model, colors, H, W, seed=0):
+def network_jacobian(model, colors, H, W, seed=0, y=None):
     torch.manual_seed(seed)
     model = model.double()
     levels = torch.randn(model.output[-1].out_channels // colors, dtype=torch.float64)  # mix a pixel's logits
-    return jacobian(lambda x: (model(x) * levels[:, None, None]).sum(2), torch.rand(1, colors, H, W, dtype=torch.float64))
+    return jacobian(lambda x: (model(x, y) * levels[:, None, None]).sum(2), torch.rand(1, colors, H, W, dtype=torch.float64))
 
 
 def layer_jacobian(layer, colors, ch_in, h, H, W):
@@ -92,11 +93,14 @@ def test_layer_is_mask_b_causal(arch, colors):
         assert torch.equal(J != 0, row_lstm_field(eye, H, W).view(H * W, H * W))
 
 
+@pytest.mark.parametrize("conditional", [False, True])
 @pytest.mark.parametrize("colors", [1, 3])
 @pytest.mark.parametrize("arch", ["row", "diag"])
-def test_network_is_causal(arch, colors):
-    """p(x_i | x_<i): the logits of sub-pixel i have an exactly zero gradient w.r.t. every input j >= i."""
-    J = network_jacobian(P.PixelRNN(arch, colors, colors == 1, 6, 2, 48), colors, 4, 5)
+def test_network_is_causal(arch, colors, conditional):
+    """p(x_i | x_<i) (or p(x_i | x_<i, y)): the logits of sub-pixel i have an exactly zero gradient w.r.t. every
+    input j >= i. The class bias is the same at every position, so it cannot carry a pixel forward."""
+    model = P.PixelRNN(arch, colors, colors == 1, 6, 2, 48, conditional)
+    J = network_jacobian(model, colors, 4, 5, y=torch.tensor([3]) if conditional else None)
     assert torch.triu(J).abs().max() == 0
 
 
@@ -233,9 +237,9 @@ def test_a_nan_stops_before_the_step_and_the_checkpoint_stays_finite(data_dir, t
             "--ckpt-every", "1", "--steps", "5"]
     nll, calls = P.nll, []
 
-    def nan_on_the_4th_call(model, v, binary):
+    def nan_on_the_4th_call(model, v, binary, y=None):
         calls.append(1)
-        return nll(model, v, binary) * (float("nan") if len(calls) == 4 else 1)
+        return nll(model, v, binary, y) * (float("nan") if len(calls) == 4 else 1)
     monkeypatch.setattr(P, "nll", nan_on_the_4th_call)
     with pytest.raises(SystemExit) as e:
         P.main(args)
@@ -270,26 +274,57 @@ def test_sampler_draws_from_the_model(tmp_path):
 
 @pytest.mark.parametrize("arch", ["row", "diag"])
 @pytest.mark.parametrize("colors", [1, 3])
-@pytest.mark.parametrize("start_row", [0, 4])
-def test_carried_sampler_draws_from_the_plain_samplers_logits(arch, colors, start_row, monkeypatch):
+@pytest.mark.parametrize("start_row,conditional", [(0, False), (4, False), (2, True)])
+def test_carried_sampler_draws_from_the_plain_samplers_logits(arch, colors, start_row, conditional, monkeypatch):
     """sample_carried gives exactly the plain sampler's images for the same random numbers, and every logit it
     draws from is the plain sampler's (to float rounding): a wrong carried state would show here even where a
-    random net's near-1/2 probabilities let the images agree by luck. Biases are large, so that caches matter."""
+    random net's near-1/2 probabilities let the images agree by luck. Biases are large, so that caches matter;
+    a conditional net draws three classes, its label embeddings perturbed too, so a class bias left out shows."""
     torch.manual_seed(colors)
-    model = P.PixelRNN(arch, colors, colors == 1, 6, 2, 12).eval()
+    model = P.PixelRNN(arch, colors, colors == 1, 6, 2, 12, conditional).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    given = P.sample(model, torch.zeros(3, colors, 9, 7), colors == 1, torch.Generator().manual_seed(9), fast=False)
+    y = torch.tensor([1, 2, 7]) if conditional else None
+    given = P.sample(model, torch.zeros(3, colors, 9, 7), colors == 1, torch.Generator().manual_seed(9), fast=False, y=y)
     drawn, plain_sample_pixel = {True: [], False: []}, P.sample_pixel
     for fast in (False, True):
         monkeypatch.setattr(P, "sample_pixel", lambda l, b, g, fast=fast: drawn[fast].append(l) or plain_sample_pixel(l, b, g))
-        images = P.sample(model, given, colors == 1, torch.Generator().manual_seed(1), start_row, fast=fast)
+        images = P.sample(model, given, colors == 1, torch.Generator().manual_seed(1), start_row, fast=fast, y=y)
         drawn[fast].append(images)
     assert torch.equal(drawn[True].pop(), drawn[False].pop())  # the images
     assert len(drawn[True]) == len(drawn[False]) == (9 - start_row) * 7 * colors  # one draw per sub-pixel
     for fast_logits, plain_logits in zip(drawn[True], drawn[False]):
         assert fast_logits.shape == plain_logits.shape and torch.allclose(fast_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+
+def halves(y, size=6):
+    """Toy images that the class decides: class 0 has its left half on, class 1 its right half."""
+    x = torch.zeros(len(y), 1, size, size)
+    x[y == 0, :, :, :size // 2] = 1
+    x[y == 1, :, :, size // 2:] = 1
+    return x
+
+
+@pytest.mark.parametrize("arch", ["row", "diag"])
+def test_conditional_samples_follow_the_label(arch):
+    """The class is the model's only clue to the first pixel, so a model that ignored it would draw either half
+    about as often; after 50 steps both samplers must draw the asked-for half for nearly every image."""
+    torch.manual_seed(0)
+    model = P.PixelRNN(arch, 1, True, 8, 1, 16, conditional=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        y = torch.randint(0, 2, (32,), generator=rng)
+        loss = P.nll(model, halves(y), True, y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    y = torch.tensor([0] * 10 + [1] * 10)
+    for fast in (True, False):
+        x = P.sample(model.eval(), torch.zeros(20, 1, 6, 6), True, torch.Generator().manual_seed(1), fast=fast, y=y)
+        left, right = x[:, 0, :, :3].mean((1, 2)), x[:, 0, :, 3:].mean((1, 2))
+        assert torch.where(y == 0, left > right, right > left).float().mean() >= 0.9
 
 
 def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
@@ -299,6 +334,49 @@ def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
             "--head", "16", "--batch-size", "16", "--lr", "1e-2", "--steps", "20", "--log-every", "10",
             "--sample-every", "1000", "--ckpt-every", "1000", "--num-samples", "1", "--device", "cpu"])
     assert read_eval(out)["exact NLL (nats/image)"] < 0.5 * 784 * math.log(2)
+
+
+@pytest.fixture(scope="module")
+def small_mnist(tmp_path_factory):
+    """Fake MNIST of 8x8 digits with their labels, in the real IDX format (28x28 samples would dominate the time)."""
+    root = tmp_path_factory.mktemp("small")
+    write_idx(root / "MNIST" / "raw", "train", *fake_digits(64, seed=0, size=8))
+    write_idx(root / "MNIST" / "raw", "t10k", *fake_digits(16, seed=1, size=8))
+    return root
+
+
+def test_conditional_run_draws_one_row_per_class_and_the_asked_for_label(small_mnist, tmp_path, capsys):
+    out = tmp_path / "cond"
+    args = ["--data-dir", str(small_mnist), "--out", str(out)]
+    P.main(args + ["--conditional", "--sample-every", "1000", *TINY, "--num-samples", "20", "--steps", "2"])
+    assert Image.open(out / "samples_2.png").size == (2 * 9 + 1, 10 * 9 + 1)  # 10 rows (classes) of 2 (8x8, padding 1)
+    assert "test NLL -log p(x | y), given the test labels y," in capsys.readouterr().out
+    assert P.main(args + ["--eval"]) == read_eval(out) and read_eval(out)["images"] == 16
+    P.main(args + ["--sample", "--label", "3", "--num-samples", "3"])
+    assert torch.load(out / "samples.pt").shape == (3, 1, 8, 8)
+    assert torch.equal(torch.load(out / "labels.pt"), torch.full((3,), 3))
+    P.main(args + ["--complete"])  # each test image's own class
+    assert torch.load(out / "completion.pt").shape == (40, 1, 8, 8)  # 8 originals, 8 occluded, 3 x 8 completions
+
+
+def test_label_needs_a_conditional_model_and_conditional_needs_labels(small_mnist, tmp_path, capsys):
+    """Bad input stops with one line naming the flag, exit code 2, and writes nothing."""
+    out = tmp_path / "plain"
+    P.main(["--data-dir", str(small_mnist), "--out", str(out), "--sample-every", "1000", *TINY, "--steps", "1"])
+    before, folder = folder_snapshot(out), tmp_path / "grey"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (4, 4), i * 12).save(folder / f"{i:02d}.png")
+    capsys.readouterr()
+    for argv, flag, written in [
+            (["--data-dir", str(small_mnist), "--out", str(out), "--sample", "--label", "3"], "--label 3", out),
+            (["--data-dir", str(small_mnist), "--out", str(tmp_path / "new"), "--label", "3", *TINY], "--label 3", None),
+            (["--dataset", str(folder), "--out", str(tmp_path / "new"), "--conditional", *TINY], "--conditional", None)]:
+        with pytest.raises(SystemExit) as e:
+            P.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err
+    assert folder_snapshot(out) == before and not (tmp_path / "new").exists()
 
 
 def test_receptive_field_picture_shows_the_two_fields(tmp_path):
