@@ -64,6 +64,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory):
+    """Fake MNIST of 8x8 digits with their labels, in the real IDX format: for the pixel models, whose sampling of
+    28x28 images would dominate the test time."""
+    root = tmp_path_factory.mktemp("small")
+    write_idx(root / "MNIST" / "raw", "train", *fake_digits(64, seed=0, size=8))
+    write_idx(root / "MNIST" / "raw", "t10k", *fake_digits(16, seed=1, size=8))
+    return root
+
+
 def sigint_at(monkeypatch, step):
     """Send Ctrl-C (SIGINT) to this process right after the progress line of `step` (run with --log-every 1)."""
     import os

@@ -329,15 +329,6 @@ def test_projection_discriminator_adds_embed_y_dot_phi_x():
     assert not torch.equal(G.eval()(torch.zeros(2, 8), y[:2]), G(torch.zeros(2, 8), y2[:2]))  # G(z, y) reads y
 
 
-def refused(capsys, argv, *words):
-    """gan.main(argv) exits 2 with one line on stderr holding every one of `words`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        gan.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
-
-
 @pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
 def test_conditional_run_samples_the_asked_for_class(data_dir, tmp_path):
     out = tmp_path / "cond"
@@ -356,24 +347,3 @@ def test_conditional_run_samples_the_asked_for_class(data_dir, tmp_path):
     assert Image.open(out / "samples.png").size == (2 * 29 + 1, 10 * 29 + 1)  # one row per class, 2 images each
     result = mode(data_dir, out, "--eval")
     assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64
-
-
-@pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
-def test_label_needs_a_conditional_model_and_conditional_needs_labels(data_dir, tmp_path, capsys):
-    """--label on an unconditional checkpoint, and --conditional on a folder of images (no labels): exit 2, one line
-    naming the flag, nothing written."""
-    from conftest import folder_snapshot
-    out = tmp_path / "plain"
-    run(data_dir, out, "--steps", "1")
-    before = folder_snapshot(out)
-    refused(capsys, ["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", "--sample", "--label", "3"],
-            "--label 3", "--conditional")
-    assert folder_snapshot(out) == before
-    from PIL import Image
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    for i in range(20):
-        Image.new("L", (8, 8), i * 10).save(folder / f"{i:02d}.png")
-    new = tmp_path / "folder-cond"
-    refused(capsys, ["--dataset", str(folder), "--conditional", "--out", str(new), *MODEL, *RUN], "--conditional")
-    assert not new.exists()

@@ -260,16 +260,6 @@ def log_steps(out):
     return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory):
-    """Fake MNIST of 8x8 digits in the real IDX format (sampling 28x28 images would dominate the test time)."""
-    from conftest import fake_digits, write_idx
-    root = tmp_path_factory.mktemp("small")
-    write_idx(root / "MNIST" / "raw", "train", *fake_digits(64, seed=0, size=8))
-    write_idx(root / "MNIST" / "raw", "t10k", *fake_digits(16, seed=1, size=8))
-    return root
-
-
 def test_train_then_sample_eval_complete_with_no_model_flags(small_mnist, tmp_path, capsys):
     out = tmp_path / "run"
     run(["--steps", "3"], small_mnist, out)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import pixelcnn
 import pixelrnn as P
-from conftest import fake_digits, folder_snapshot, same_weights, sigint_at, write_idx
+from conftest import same_weights, sigint_at
 
 
 def raster(t):
@@ -336,15 +336,6 @@ def test_toy_run_beats_the_uniform_model(data_dir, tmp_path):
     assert read_eval(out)["exact NLL (nats/image)"] < 0.5 * 784 * math.log(2)
 
 
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory):
-    """Fake MNIST of 8x8 digits with their labels, in the real IDX format (28x28 samples would dominate the time)."""
-    root = tmp_path_factory.mktemp("small")
-    write_idx(root / "MNIST" / "raw", "train", *fake_digits(64, seed=0, size=8))
-    write_idx(root / "MNIST" / "raw", "t10k", *fake_digits(16, seed=1, size=8))
-    return root
-
-
 def test_conditional_run_draws_one_row_per_class_and_the_asked_for_label(small_mnist, tmp_path, capsys):
     out = tmp_path / "cond"
     args = ["--data-dir", str(small_mnist), "--out", str(out)]
@@ -357,26 +348,6 @@ def test_conditional_run_draws_one_row_per_class_and_the_asked_for_label(small_m
     assert torch.equal(torch.load(out / "labels.pt"), torch.full((3,), 3))
     P.main(args + ["--complete"])  # each test image's own class
     assert torch.load(out / "completion.pt").shape == (40, 1, 8, 8)  # 8 originals, 8 occluded, 3 x 8 completions
-
-
-def test_label_needs_a_conditional_model_and_conditional_needs_labels(small_mnist, tmp_path, capsys):
-    """Bad input stops with one line naming the flag, exit code 2, and writes nothing."""
-    out = tmp_path / "plain"
-    P.main(["--data-dir", str(small_mnist), "--out", str(out), "--sample-every", "1000", *TINY, "--steps", "1"])
-    before, folder = folder_snapshot(out), tmp_path / "grey"
-    folder.mkdir()
-    for i in range(20):
-        Image.new("L", (4, 4), i * 12).save(folder / f"{i:02d}.png")
-    capsys.readouterr()
-    for argv, flag, written in [
-            (["--data-dir", str(small_mnist), "--out", str(out), "--sample", "--label", "3"], "--label 3", out),
-            (["--data-dir", str(small_mnist), "--out", str(tmp_path / "new"), "--label", "3", *TINY], "--label 3", None),
-            (["--dataset", str(folder), "--out", str(tmp_path / "new"), "--conditional", *TINY], "--conditional", None)]:
-        with pytest.raises(SystemExit) as e:
-            P.main(argv)
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err
-    assert folder_snapshot(out) == before and not (tmp_path / "new").exists()
 
 
 def test_receptive_field_picture_shows_the_two_fields(tmp_path):

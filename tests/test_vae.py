@@ -395,23 +395,3 @@ def test_conditional_run_samples_the_asked_for_class_and_evaluates_log_p_x_given
     assert result == json.loads((out / "eval.json").read_text()) and result["n"] == 64
     assert result["IW NLL -log p(x|y) (nats/image)"] <= result["negative ELBO (nats/image)"] + 1.0
     assert "gap KL(q(z|x,y) || p(z|x,y)), IW estimate (nats/image)" in result
-
-
-def test_label_needs_a_conditional_model_and_conditional_needs_labels(data_dir, tmp_path, capsys):
-    """--label on an unconditional checkpoint, and --conditional on a folder of images (no labels): exit 2, one line
-    naming the flag, nothing written."""
-    from conftest import folder_snapshot
-    out = tmp_path / "plain"
-    run(data_dir, out, "--steps", "2")
-    before = folder_snapshot(out)
-    refused(capsys, ["--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", "--sample", "--label", "3"],
-            "--label 3", "--conditional")
-    assert folder_snapshot(out) == before
-    from PIL import Image
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    for i in range(20):
-        Image.new("L", (8, 8), i * 10).save(folder / f"{i:02d}.png")
-    new = tmp_path / "folder-cond"
-    refused(capsys, ["--dataset", str(folder), "--conditional", "--out", str(new), *MODEL, *RUN], "--conditional")
-    assert not new.exists()
