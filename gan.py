@@ -12,9 +12,12 @@ gradients early on). The networks follow Radford et al. 2016 ("Unsupervised Repr
 Deep Convolutional Generative Adversarial Networks"): transposed convolutions, BatchNorm and ReLU in G,
 strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
 
---conditional makes it a class-conditional GAN. G(z, y) gets a learned embedding of the class beside z (Mirza &
-Osindero 2014, "Conditional Generative Adversarial Nets"). D is the projection discriminator of Miyato & Koyama 2018
-("cGANs with Projection Discriminator"): with phi(x) D's features and psi its last, linear layer,
+--conditional makes it a class-conditional GAN (Mirza & Osindero 2014, "Conditional Generative Adversarial Nets"),
+in the form of Miyato & Koyama 2018 ("cGANs with Projection Discriminator"). G(z, y) takes the class through
+conditional BatchNorm: after each BatchNorm, a learned per-class scale and shift, h <- h (1 + gamma_y) + beta_y.
+(Feeding an embedding of y beside z, the simplest form, drew one image per class on MNIST here: G learned to amplify
+the class input until z no longer mattered; the BatchNorm that follows then normalizes z's share away.) D is the
+projection discriminator: with phi(x) D's features and psi its last, linear layer,
 
     D(x, y) = sigmoid(l),   l(x, y) = psi(phi(x)) + embed(y)^T phi(x)
 
@@ -88,17 +91,14 @@ def dcgan_init(m):
 class Generator(nn.Module):
     """z -> image: a 1x1 "image" of z_dim channels, upsampled by transposed convolutions. The first layer's
     kernel is the quarter image size, so one network shape serves 28x28 (7 -> 14 -> 28) and 32x32 (8 -> 16 -> 32).
-    conditional: (z, y) -> image, with a learned embedding of y, as wide as z, concatenated to z (Mirza & Osindero).
-    The first layer is linear in its 1x1 input, so this adds a learned map per class to its output."""
+    conditional: (z, y) -> image, with conditional BatchNorm: every BatchNorm's output is scaled and shifted per class,
+    h (1 + gamma_y) + beta_y (gamma, beta learned, zero at first: G starts as the unconditional one)."""
 
     def __init__(self, z_dim, ch, img_channels, size, conditional=False):
         super().__init__()
         h4, w4 = size[0] // 4, size[1] // 4
-        # N(0, 1) at first (nn.Embedding's default), the scale of z: the class is not drowned out by the noise
-        self.embed = nn.Embedding(common.NUM_CLASSES, z_dim) if conditional else None
-        n_in = 2 * z_dim if conditional else z_dim  # [z; embed(y)], or z
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(n_in, 4 * ch, (h4, w4), 1, 0, bias=False),  # B x 4ch x H/4 x W/4 (7x7 or 8x8)
+            nn.ConvTranspose2d(z_dim, 4 * ch, (h4, w4), 1, 0, bias=False),  # B x 4ch x H/4 x W/4 (7x7 or 8x8)
             nn.BatchNorm2d(4 * ch), nn.ReLU(True),                        # no bias: BatchNorm's shift replaces it
             nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1, bias=False),      # B x 2ch x H/2 x W/2 (14 or 16)
             nn.BatchNorm2d(2 * ch), nn.ReLU(True),
@@ -107,11 +107,20 @@ class Generator(nn.Module):
         )
         self.z_dim = z_dim
         self.apply(dcgan_init)
+        # [gamma_y, beta_y] for the two BatchNorms (4ch and 2ch channels), zero at first
+        self.embed = nn.ModuleList(nn.Embedding(common.NUM_CLASSES, 2 * c) for c in (4 * ch, 2 * ch)) if conditional else None
+        for e in self.embed or []:
+            nn.init.zeros_(e.weight)
 
     def forward(self, z, y=None):
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(y)], 1)  # [z; embed(y)]: B x 2 z_dim
-        return self.net(z[:, :, None, None])  # B x n -> B x n x 1 x 1
+        h = z[:, :, None, None]  # B x z_dim -> B x z_dim x 1 x 1
+        class_norms = iter(self.embed or [])
+        for layer in self.net:
+            h = layer(h)
+            if self.embed is not None and isinstance(layer, nn.BatchNorm2d):  # conditional BatchNorm
+                gamma, beta = next(class_norms)(y)[:, :, None, None].chunk(2, 1)
+                h = h * (1 + gamma) + beta  # h (1 + gamma_y) + beta_y
+        return h
 
 
 class Discriminator(nn.Module):

@@ -294,13 +294,13 @@ def halves(n, rng):
 @pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
 def test_conditional_samples_draw_the_asked_for_class():
     """Trained on `halves` by Algorithm 1 with (x, y) and (z, y) pairs, G(z, 0) (G(z, 1)) must draw the left (right)
-    half brighter: the label, through G's embedding and D's projection, sets the class."""
+    half brighter: the label, through G's conditional BatchNorm and D's projection, sets the class."""
     torch.manual_seed(0)
     G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=8, d_channels=8, conditional=True), (1, 8, 8))
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in (G, D))
     cfg, rng = types.SimpleNamespace(d_steps=1, g_loss="non-saturating"), torch.Generator().manual_seed(0)
     real, noise = lambda: halves(64, rng), lambda: (torch.randn(64, 8), torch.randint(0, 2, (64,)))
-    for _ in range(150):
+    for _ in range(300):
         gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg)
     z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     for label in (0, 1):
@@ -315,6 +315,8 @@ def test_projection_discriminator_adds_embed_y_dot_phi_x():
     torch.manual_seed(0)
     G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
     nn.init.normal_(D.embed.weight)  # zero at first; any weights must do
+    for e in G.embed:  # so are G's class scales and shifts
+        nn.init.normal_(e.weight)
     D.eval()
     seen = []
     D.net[-1].register_forward_hook(lambda m, inputs, output: seen.append((inputs[0].flatten(1), output.flatten())))
@@ -327,6 +329,24 @@ def test_projection_discriminator_adds_embed_y_dot_phi_x():
     assert (l1 - l2)[:5].abs().min() > 1e-3 and (l1 - l2)[5] == 0  # only the label changed, and only where it did
     assert G(torch.randn(6, 8), y).shape == (6, 1, 28, 28)
     assert not torch.equal(G.eval()(torch.zeros(2, 8), y[:2]), G(torch.zeros(2, 8), y2[:2]))  # G(z, y) reads y
+
+
+def test_conditional_batchnorm_scales_and_shifts_each_class():
+    """After each of G's BatchNorms, h (1 + gamma_y) + beta_y: read by hooks, class by class."""
+    torch.manual_seed(0)
+    G, _ = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
+    for e in G.embed:
+        nn.init.normal_(e.weight)
+    G.eval()
+    norms = [m for m in G.net if isinstance(m, nn.BatchNorm2d)]
+    outs, ins = [], []
+    norms[0].register_forward_hook(lambda m, i, o: outs.append(o.clone()))
+    relu = G.net[list(G.net).index(norms[0]) + 1]  # the next layer (an in-place ReLU): what it is given, before it acts
+    relu.register_forward_pre_hook(lambda m, i: ins.append(i[0].clone()))
+    y = torch.tensor([0, 3, 9])
+    G(torch.randn(3, 8), y)
+    gamma, beta = G.embed[0].weight[y].chunk(2, 1)
+    torch.testing.assert_close(ins[0], outs[0] * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
 
 
 @pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here
