@@ -40,9 +40,20 @@ def measure(family, n, w, model, test_feats, real_feats):
     guided = ["--guidance", str(w)] if w is not None else []
     sample_s = compare.run([f"{family}.py", "--out", str(out.relative_to(ROOT)), "--sample", "--num-samples", str(n), *guided])
     samples, labels = quality.read_samples(out / "samples.pt"), quality.read_labels(out / "samples.pt")
+    if w is not None:  # keep each weight's samples: the next --sample overwrites samples.pt
+        shutil.copy(out / "samples.pt", out / f"samples_w{w}.pt")
     row = quality.score(model, samples[:n], test_feats, real_feats, labels[:n])
     name = family if w is None else f"{family}, w = {w}"
-    return dict(family=name, train_min=wall[-1] / 60, sample_s=sample_s, **row), samples, labels
+    return dict(family=name, train_min=wall[-1] / 60, sample_s=sample_s, **row)
+
+
+def panel(family):
+    """(samples, labels) of a family's conditional run for the figure (ddpm: unguided, w = 0), or None."""
+    out = ROOT / "runs" / f"{family}-cond"
+    path = out / ("samples_w0.pt" if family == "ddpm" else "samples.pt")
+    if not path.exists() or not (out / "labels.pt").exists():
+        return None
+    return quality.read_samples(path), torch.load(out / "labels.pt", weights_only=True)
 
 
 def table(rows):
@@ -87,21 +98,23 @@ def main(argv=None):
     torch.set_num_threads(2)
     model, data = quality.mnist_classifier(Path(args.classifier), torch.device("cpu"))
     test_feats, real_feats = quality.reference(model, data, args.n)
-    rows, panels = [], {}
+    saved = ROOT / "benchmarks" / "conditional.json"  # rows measured before: a family measured now replaces its own
+    rows = {r["family"]: r for r in (json.loads(saved.read_text()) if saved.exists() else [])}
     for family in families:
         for w in GUIDANCE if family == "ddpm" else [None]:
-            row, x, labels = measure(family, args.n, w, model, test_feats, real_feats)
-            rows.append(row)
+            row = measure(family, args.n, w, model, test_feats, real_feats)
+            rows[row["family"]] = row
             quality.print_row(row["family"], row)
-            if w in (None, 0):
-                panels[family] = (x, labels)
+    rows = sorted(rows.values(), key=lambda r: FAMILIES.index(r["family"].split(",")[0]))
+    panels = {f: p for f in FAMILIES if (p := panel(f)) is not None}
     grey, _ = quality.accuracy(model, data)
     text = (f"`python benchmarks/conditional.py` on {compare.cpu_name()}, {torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}; N = {args.n} samples per row, the ten classes in turn; asked class: the fraction "
+            f"{torch.__version__}; N = {args.n} samples per row (each row measured when its family was last given to "
+            f"--families), the ten classes in turn; asked class: the fraction "
             f"the classifier puts in the class asked for (chance 0.10; on real test digits it is right {grey:.1%}).\n\n"
             + table(rows))
     (ROOT / "benchmarks" / "conditional.md").write_text(text)
-    (ROOT / "benchmarks" / "conditional.json").write_text(json.dumps(rows, indent=1))
+    saved.write_text(json.dumps(rows, indent=1))
     figure(panels, ROOT / "assets" / "conditional.png")
     if (ROOT / "runs" / "ddpm-cond" / "guidance.png").exists():
         shutil.copy(ROOT / "runs" / "ddpm-cond" / "guidance.png", ROOT / "assets" / "ddpm_guidance.png")
