@@ -676,10 +676,12 @@ class CtrlC:
 class Logger:
     """Appends one JSON line per log to log.jsonl and prints a progress line with img/s and ETA. Each line has
     wall_s, the seconds the run has taken so far (sample grids included, summed over resumes). On --resume it
-    first drops the lines past the checkpoint's step (logged before a crash), so log.jsonl has one line per step."""
+    first drops the lines past the checkpoint's step (logged before a crash), so log.jsonl has one line per step.
+    max_seconds: a wall-clock budget of this process (pixelrnn's --max-minutes) that ends the run before
+    total_steps; the ETA is then the sooner of the two ends."""
 
-    def __init__(self, out, total_steps, start_step=0):
-        self.path, self.total = Path(out) / "log.jsonl", total_steps
+    def __init__(self, out, total_steps, start_step=0, max_seconds=0.0):
+        self.path, self.total, self.max_seconds = Path(out) / "log.jsonl", total_steps, max_seconds
         self.last_step, self.last_time, self.images = start_step, time.time(), 0
         self.wall_before = 0.0  # seconds spent by earlier processes of this run (--resume)
         if self.path.exists() and is_main():
@@ -698,6 +700,8 @@ class Logger:
         img_s = self.images / max(now - self.last_time, 1e-9)
         steps_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.total - step) / max(steps_s, 1e-9)
+        if self.max_seconds:  # the budget ends the run first: the quick pixelrnn run stops at 11 min, not 100k steps
+            eta = min(eta, max(self.max_seconds - (now - self.start_time), 0.0))
         figures = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in figures.items()}
         with open(self.path, "a") as f:
             wall = round(self.wall_before + now - self.start_time, 1)

@@ -551,7 +551,7 @@ def train(cfg):
     common.say(f"pixelrnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
           f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {'binarized' if binary else '8-bit'}, {device}")
     forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
-    start, log, t0 = step, common.Logger(out, cfg.steps, step), time.time()
+    start, log, t0 = step, common.Logger(out, cfg.steps, step, 60 * cfg.max_minutes), time.time()
     save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, step, rng, model=model, opt=opt)
     with common.CtrlC() as ctrl_c:
         while step < cfg.steps and not ctrl_c.stopping():

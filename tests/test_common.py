@@ -234,6 +234,17 @@ def test_logger_wall_time_adds_up_over_resumes(tmp_path, monkeypatch):
     assert [r["wall_s"] for r in common.read_log(tmp_path / "log.jsonl")] == [30.0, 40.0]
 
 
+def test_logger_eta_is_the_sooner_of_the_steps_and_the_time_budget(tmp_path, monkeypatch, capsys):
+    """At 1 step/s with 100 steps left the ETA is 1m40s; a 60 s budget (--max-minutes 1) with 10 s gone leaves 50 s."""
+    clock = iter([0.0, 10.0, 0.0, 10.0])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    common.Logger(tmp_path / "a", 110).log(10, loss=1.0)
+    assert capsys.readouterr().out.rstrip().endswith("ETA 1m40s")
+    common.Logger(tmp_path / "b", 110, max_seconds=60.0).log(10, loss=1.0)
+    assert capsys.readouterr().out.rstrip().endswith("ETA 0m50s")
+
+
 def test_ctrl_c_first_asks_then_stops(capsys):
     with common.CtrlC() as ctrl_c:
         os.kill(os.getpid(), signal.SIGINT)
