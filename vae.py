@@ -452,7 +452,8 @@ def manifold(model, n=20, label=None):
 
 @torch.no_grad()
 def latent_scatter(model, x, y, size=400, lim=4.0):
-    """z_dim = 2: the posterior means of test images as dots coloured by label, drawn into a 3 x size x size image.
+    """z_dim = 2: the posterior means of test images as dots coloured by label, drawn into a 3 x size x size image,
+    with the colours' key (colour_key) beside it when there are labels.
     A conditional model encodes with the labels, q(z|x,y): y is given, z need not hold the class, and the colours mix."""
     chunk = lambda i: (x[i:i + 1000], y[i:i + 1000]) if model.conditional else (x[i:i + 1000],)
     mu = torch.cat([model.encode(*chunk(i))[0] for i in range(0, len(x), 1000)]).cpu()
@@ -462,7 +463,23 @@ def latent_scatter(model, x, y, size=400, lim=4.0):
     for dy in (0, 1, 2):  # 3 x 3 dots
         for dx in (0, 1, 2):
             img[:, size - 1 - pix[:, 1] - dy, pix[:, 0] + dx] = colors.T  # image rows go down, z2 goes up
-    return img
+    return img if y is None else torch.cat([img, colour_key(x, y, model.binary, size)], 2)
+
+
+def colour_key(x, y, binary, size):
+    """The key of latent_scatter's colours, a column beside it: for each class, its first test image framed in the
+    class's colour (pictures, not digits in a font, so it reads for any labelled dataset)."""
+    cell = size // common.NUM_CLASSES
+    key = torch.ones(3, size, cell)
+    for c in range(common.NUM_CLASSES):
+        if not (y == c).any():  # --eval-n can leave a class out
+            continue
+        image = x[y == c][:1].float().cpu()
+        image = image if binary else common.signed_to_unit(image)  # {0, 1} or [-1, 1] -> [0, 1]
+        framed = PALETTE[c][:, None, None].repeat(1, cell, cell)  # the frame: 3 px of the class's colour
+        framed[:, 3:-3, 3:-3] = F.interpolate(image, size=(cell - 6, cell - 6), mode="bilinear")[0].expand(3, -1, -1)
+        key[:, c * cell:(c + 1) * cell] = framed
+    return key
 
 
 def sample_from_checkpoint(cfg):

@@ -308,7 +308,19 @@ def test_latent_scatter_puts_a_dot_where_the_code_is(monkeypatch):
     img = vae.latent_scatter(model, torch.zeros(2, 1, 28, 28), torch.tensor([3, 0]), size=101, lim=4.0)
     torch.testing.assert_close(img[:, 50, 49], vae.PALETTE[3])  # z = (0, 0): the middle
     torch.testing.assert_close(img[:, 0, 99], vae.PALETTE[0])  # z = (4, 4): the top-right corner
-    assert (img == 1).all(0).float().mean() > 0.99  # the rest is white
+    assert (img[:, :, :101] == 1).all(0).float().mean() > 0.99  # the rest is white
+    key = img[:, :, 101:]  # 10 cells of 10 px: class c's framed test image in rows 10c .. 10c+9
+    torch.testing.assert_close(key[:, 30, 0], vae.PALETTE[3])  # the frame of class 3, whose image is the first
+    torch.testing.assert_close(key[:, 34, 4], torch.zeros(3))  # inside it, that (all black) image
+    assert (key[:, 10:30] == 1).all()  # classes 1 and 2 have no image: no cell
+
+
+def test_latent_scatter_key_frames_each_class_image_in_its_colour():
+    x = torch.stack([torch.full((1, 28, 28), float(c % 2)) for c in range(10)])  # even classes black, odd white
+    key = vae.colour_key(x, torch.arange(10), True, 400)
+    for c in range(10):
+        torch.testing.assert_close(key[:, 40 * c, 0], vae.PALETTE[c])
+        torch.testing.assert_close(key[:, 40 * c + 20, 20], torch.full((3,), float(c % 2)))
 
 
 # ----------------------------------------------------------------------------- the conditional VAE (--conditional)
