@@ -184,7 +184,7 @@ def test_a_malicious_pickle_is_refused_and_never_run(runs, tmp_path, capsys):
 # ----------------------------------------------------------------------------- recipes and curves
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_each_recipe_sets_real_options_within_their_ranges(script, tmp_path):
+def test_each_recipe_sets_real_options_within_their_ranges(script, tmp_path, monkeypatch):
     module = importlib.import_module(script)
     assert set(module.PRESETS) == {"full", "quick"} and module.PRESETS["full"]["options"] == {}  # full: the defaults
     for name, recipe in module.PRESETS.items():
@@ -192,6 +192,7 @@ def test_each_recipe_sets_real_options_within_their_ranges(script, tmp_path):
         cfg = common.parse_args(module.ModelConfig, module.Config, script, argv, module.PRESETS)
         for k, v in recipe["options"].items():
             assert (getattr(cfg.model, k) if hasattr(cfg.model, k) else getattr(cfg, k)) == v, k
+    monkeypatch.chdir(tmp_path)  # the bare command's --out is runs/<script>-mnist here, not a run of the user's
     cfg = common.parse_args(module.ModelConfig, module.Config, script, ["--device", "cpu"], module.PRESETS)
     assert cfg.preset == "quick" and cfg.recipe.startswith("recipe quick (no CUDA GPU here")  # the bare command here
 
