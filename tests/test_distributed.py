@@ -121,3 +121,18 @@ def test_a_rank_that_fails_stops_the_job_with_its_line(data_dir, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error (rank 1 of 2): mnist is not in"), done.stderr[-3000:]
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_conditional_run_under_two_processes_samples_the_classes_in_turn(script, data_dir, tmp_path):
+    """--conditional trains under DDP (the labels travel with each rank's batch; DDPM's label dropout and the
+    projection D inside the DDP forward), and --sample split over two ranks gathers all N images with labels.pt
+    naming image i's class, i mod 10 (each rank draws the classes of its own share: class_labels(start=part.start))."""
+    out = tmp_path / "run"
+    done = torchrun([ROOT / f"{script}.py", *TINY[script], *RUN, "--data-dir", data_dir, "--out", out, "--conditional"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ckpt(out)["model_config"]["conditional"] is True
+    sampled = torchrun([ROOT / f"{script}.py", "--out", out, "--data-dir", data_dir, "--sample", "--num-samples", 13])
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert torch.load(out / "samples.pt").shape[0] == 13
+    assert torch.equal(torch.load(out / "labels.pt"), torch.arange(13) % 10)
