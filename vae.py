@@ -472,7 +472,7 @@ def colour_key(x, y, binary, size):
     cell = size // common.NUM_CLASSES
     key = torch.ones(3, size, cell)
     for c in range(common.NUM_CLASSES):
-        if not (y == c).any():  # --eval-n can leave a class out
+        if not (y == c).any():  # a small test set (a toy one, say) may lack a class: no cell for it
             continue
         image = x[y == c][:1].float().cpu()
         image = image if binary else common.signed_to_unit(image)  # {0, 1} or [-1, 1] -> [0, 1]
