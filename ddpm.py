@@ -7,10 +7,13 @@ with closed forms; in practice the bound's denoising terms reduce to predicting 
 
     forward   q(x_t | x_{t-1}) = N(x_t; sqrt(1 - beta_t) x_{t-1}, beta_t I)
               q(x_t | x_0)     = N(x_t; sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_s (1 - beta_s)
-    reverse   p(x_{t-1} | x_t) = N(x_{t-1}; mu_theta(x_t, t), Sigma_theta(x_t, t))
+    reverse   p_theta(x_{0:T}) = p(x_T) prod_t p_theta(x_{t-1} | x_t), p_theta(x_{t-1}|x_t) = N(mu_theta, Sigma_theta)
+              (the deck writes this product with q(x_{t-1} | x_t): it is p_theta's, the learned steps that undo q's)
     loss      L = D_KL(q(x_T|x_0) || p(x_T))                           L_T, prior matching (regularization)
                 + sum_{t>1} D_KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))   L_{t-1}, denoising
                 - log p(x_0 | x_1)                                       L_0, reconstruction
+              (Ho et al. eq. 5, the deck's second line; its first line carries the VAE's z-notation over and is not
+              this model's bound)
               L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
 With --conditional the U-Net also sees a class y (an embedding added to the time embedding), and in training y is
@@ -19,7 +22,7 @@ trade diversity for fidelity with classifier-free guidance (Ho & Salimans 2022),
     eps~(x_t, t, y) = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
 
 Run:
-    python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU (10-13 min), full on a GPU
+    python ddpm.py --dataset mnist          # the recipe for the device: quick on a CPU, full on a GPU
     python ddpm.py --sample                 # from runs/ddpm-mnist: no model flag, the checkpoint has them
     python ddpm.py --eval --eval-n 200      # the bound in bits/dim and its three parts
     python ddpm.py --preset full --out runs/ddpm-full   # the 6.5M-parameter U-Net on any device
@@ -47,15 +50,15 @@ class ModelConfig(common.ModelConfig):
     # the diffusion
     timesteps: int = common.opt(1000, "T, the number of diffusion steps", "[1, inf)")
     schedule: str = common.opt("linear", "beta schedule", choices=["linear", "sigmoid", "quadratic", "cosine"])
-    variance: str = common.opt("fixed-large", "Sigma_theta: beta_t (fixed-large), beta-tilde_t (fixed-small), or learned",
-                               choices=["fixed-large", "fixed-small", "learned"])
+    variance: str = common.opt("fixed-large", "Sigma_theta: beta_t (fixed-large), beta-tilde_t (fixed-small), or "
+                               "learned", choices=["fixed-large", "fixed-small", "learned"])
     # the U-Net
     channels: int = common.opt(64, "U-Net base width (a multiple of 8)", "[8, inf)")
-    channel_mults: str = common.opt("1,2,2", "width multiplier per resolution; each level after the first halves H and W")
+    channel_mults: str = common.opt("1,2,2", "width multiplier per resolution; each level after the first halves H, W")
     num_res_blocks: int = common.opt(2, "residual blocks per resolution", "[1, inf)")
     dropout: float = common.opt(0.1, "dropout in the residual blocks", "[0, 1)")
-    p_uncond: float = common.opt(0.1, "with --conditional, the probability that a training image's label is replaced by "
-                                 "the null class, so that the network also learns p(x) for --guidance", "[0, 1)")
+    p_uncond: float = common.opt(0.1, "with --conditional, the probability that a training label is replaced by the "
+                                 "null class, so that the network also learns p(x) for --guidance", "[0, 1)")
 
 
 @dataclasses.dataclass
@@ -65,25 +68,28 @@ class Config(common.RunConfig):
     warmup: int = common.opt(500, "steps of linear learning-rate warm-up", "[1, inf)")
     grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
     ema_decay: float = common.opt(0.999, "EMA decay of the weights used for sampling and --eval", "[0, 1]")
-    vlb_weight: float = common.opt(0.001, "lambda in L_hybrid = L_simple + lambda L_vlb (learned variance only)", "[0, inf)")
-    sampler: str = common.opt("ancestral", "ancestral (Algorithm 2, all T steps) or ddim", choices=["ancestral", "ddim"])
+    vlb_weight: float = common.opt(0.001, "lambda in L_hybrid = L_simple + lambda L_vlb (learned variance)", "[0, inf)")
+    sampler: str = common.opt("ancestral", "ancestral (Algorithm 2, all T steps) or ddim", choices=["ancestral",
+                                                                                                     "ddim"])
     sample_steps: int = common.opt(50, "DDIM steps", "[1, inf)")
-    eta: float = common.opt(0.0, "DDIM noise: 0 is deterministic, 1 matches the ancestral sampler's variance", "[0, 1]")
+    eta: float = common.opt(0.0, "DDIM noise: 0 is deterministic; 1 gives sigma_t^2 = beta-tilde_t, the posterior "
+                            "(fixed-small) variance, not the default ancestral sampler's fixed-large beta_t", "[0, 1]")
     eval_n: int = common.opt(1000, "test images for --eval", "[1, inf)")
-    guidance: float = common.opt(0.0, "classifier-free guidance weight w of a --conditional model: eps = (1 + w) eps(x, y) "
-                                 "- w eps(x, null); 0 samples p(x | y) itself, larger w gives more typical images of "
-                                 "the class", "[0, inf)")
+    guidance: float = common.opt(0.0, "classifier-free guidance weight w of a --conditional model: eps = (1 + w) "
+                                 "eps(x, y) - w eps(x, null); 0 samples p(x | y) itself, larger w gives more typical "
+                                 "images of the class", "[0, inf)")
 
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, a 6.5M-parameter U-Net for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, a 1.1M-parameter U-Net for 4000 steps of 32: 10-13 min on 2 CPU cores",
-                options=dict(channels=32, num_res_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, warmup=200,
-                             ema_decay=0.995, sampler="ddim", sample_every=1000, steps=4000)),
+    "quick": dict(about="the quick run, a 1.1M-parameter U-Net for 4000 steps of 32 (about 10 minutes on a 2-core "
+                        "CPU; 20 on a slow one)",
+                  options=dict(channels=32, num_res_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, warmup=200,
+                               ema_decay=0.995, sampler="ddim", sample_every=1000, steps=4000)),
 }
 
 
-# ----------------------------------------------------------------------------- the diffusion: schedule, q, posterior, bound
+# ----------------------------------------------------------------------------- the diffusion: schedule, q, posterior
 
 def make_betas(schedule, T):
     """beta_1 .. beta_T. linear is Ho et al.'s 1e-4 .. 0.02 at T = 1000, scaled by 1000/T so that any T adds
@@ -96,10 +102,11 @@ def make_betas(schedule, T):
         betas = torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2
     elif schedule == "sigmoid":
         betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
-    else:  # cosine: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+    else:  # cosine (Nichol & Dhariwal eq. 17): alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2)
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip keeps the last steps from being singular
+        # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} = 1 - f(t) / f(t-1): the f(0) of both cancels
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the paper's clip keeps the last steps from being singular
     if not ((betas > 0) & (betas < 1)).all():  # beta_t = 1 would make alpha_bar_T = 0 and the posterior divide by 0
         raise common.UsageError(f"--timesteps {T} with --schedule {schedule} gives beta_T = {betas.max().item():.3g}, "
                                 f"but every beta must be in (0, 1): use --timesteps 21 or more, or --schedule cosine")
@@ -131,22 +138,28 @@ class Diffusion:
 
     def __init__(self, mcfg, device):
         self.T, self.variance = mcfg.timesteps, mcfg.variance
-        # computed in float64 (as in Ho et al.'s code: products of 1000 numbers near 1), stored in float32
+        # Every coefficient below is a function of the schedule alone, so all are computed once, in float64 (as in
+        # Ho et al.'s code: alpha_bar is a product of up to 1000 numbers near 1), and stored in float32:
+        #   alpha_bar, alpha_bar_prev    q(x_t | x_0) (q_sample, predict_x0) and DDIM's steps
+        #   beta_tilde, coef_x0, coef_xt  the posterior q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, beta_tilde)
+        #   log_beta_tilde, log_sigma2_large, log_betas   log Sigma of the reverse step: fixed-small, fixed-large, and
+        #                                                 the two ends between which the learned variance lies
         betas = make_betas(mcfg.schedule, mcfg.timesteps)
         alphas = 1 - betas                                               # alpha_t = 1 - beta_t
         alpha_bar = torch.cumprod(alphas, 0)                             # alpha_bar_t = prod_{s<=t} alpha_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=betas.dtype), alpha_bar[:-1]])  # alpha_bar_{t-1}, alpha_bar_0 = 1
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=betas.dtype), alpha_bar[:-1]])  # alpha_bar_{t-1}; _0 = 1
         beta_tilde = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)      # posterior variance, eq. (7)
+        # beta-tilde_1 = 0 (given x_1, x_0's posterior is sharp because alpha_bar_0 = 1), so its log is -inf: like Ho
+        # et al.'s code, the logs below use beta-tilde_2 at t = 1 for both fixed variances (a finite L_0)
+        log_tilde = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))
         f32 = lambda v: v.float().to(device)
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = f32(betas), f32(alphas), f32(alpha_bar), f32(alpha_bar_prev)
-        self.beta_tilde = f32(beta_tilde)
-        # log beta-tilde_t; beta-tilde_1 = 0, so at t = 1 its log is clipped to log beta-tilde_2 (Ho et al.'s code)
-        self.log_beta_tilde = f32(torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]])))
-        # fixed-large Sigma_t = beta_t, with beta_1 replaced by beta-tilde_2 as in Ho et al.'s code (a better L_0)
-        self.log_sigma2_large = f32(torch.log(torch.cat([beta_tilde[1:2], betas[1:]])))
+        self.betas, self.alphas, self.alpha_bar = f32(betas), f32(alphas), f32(alpha_bar)
+        self.alpha_bar_prev = f32(alpha_bar_prev)
+        self.beta_tilde, self.log_beta_tilde = f32(beta_tilde), f32(log_tilde)
+        self.log_sigma2_large = f32(torch.cat([log_tilde[:1], torch.log(betas[1:])]))  # fixed-large: Sigma_t = beta_t
         self.log_betas = f32(torch.log(betas))  # log beta_t, the learned variance's upper end, beta_1 included
-        self.coef_x0 = f32(betas * alpha_bar_prev.sqrt() / (1 - alpha_bar))     # posterior mean = coef_x0 x_0
-        self.coef_xt = f32((1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar))  #              + coef_xt x_t, eq. (7)
+        self.coef_x0 = f32(betas * alpha_bar_prev.sqrt() / (1 - alpha_bar))  # posterior mean = coef_x0 x_0
+        self.coef_xt = f32((1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar))  #       + coef_xt x_t, eq. (7)
 
     def q_sample(self, x0, t, eps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: one jump instead of t noising steps."""
@@ -173,7 +186,8 @@ class Diffusion:
             x0 = x0.clamp(-1, 1)
             mean, _ = self.q_posterior(x0, x_t, t)
         else:  # Algorithm 2, line 4
-            mean = (x_t - extract(self.betas, t) / (1 - extract(self.alpha_bar, t)).sqrt() * eps) / extract(self.alphas, t).sqrt()
+            noise_part = extract(self.betas, t) / (1 - extract(self.alpha_bar, t)).sqrt() * eps
+            mean = (x_t - noise_part) / extract(self.alphas, t).sqrt()
         if self.variance == "fixed-small":
             logvar = extract(self.log_beta_tilde, t).expand_as(x_t)
         elif self.variance == "fixed-large":
@@ -184,8 +198,9 @@ class Diffusion:
         return mean, logvar, x0
 
     def vlb_term(self, net_out, x0, x_t, t, clip=False):
-        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and L_0 = -log p(x_0|x_1) at t = 0;
-        in bits per dimension, one value per image."""
+        """The bound's term of code index t (paper step t + 1), in bits per dimension, one value per image:
+        L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for paper t >= 2 (code t >= 1), and the reconstruction
+        L_0 = -log p(x_0|x_1) for paper t = 1 (code t = 0)."""
         true_mean, true_logvar = self.q_posterior(x0, x_t, t)
         mean, logvar, _ = self.p_mean_logvar(net_out, x_t, t, clip)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
@@ -196,43 +211,8 @@ class Diffusion:
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension: no parameters, near 0 when alpha_bar_T ~ 0."""
         t = torch.full((len(x0),), self.T - 1, device=x0.device)
         mean, logvar = extract(self.alpha_bar, t).sqrt() * x0, torch.log(1 - extract(self.alpha_bar, t))
-        return normal_kl(mean, logvar.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
-
-    def training_loss(self, model, x0, vlb_weight=0.0, y=None, p_uncond=0.0):
-        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), a gradient step on ||eps - eps_theta(x_t, t)||^2 (L_simple,
-        eq. 14). With learned variance, the hybrid L_simple + lambda L_vlb, where the vlb term sees the mean through
-        a stop-gradient so it trains only Sigma. With labels y, each is dropped to the null class with probability
-        p_uncond (Ho & Salimans, Algorithm 1), so the same network learns eps(x_t, t, y) and eps(x_t, t, null).
-        Returns (loss, figures)."""
-        t = torch.randint(0, self.T, (len(x0),), device=x0.device)
-        eps = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, eps)
-        if y is not None:
-            y = torch.where(torch.rand(len(y), device=y.device) < p_uncond, NULL_CLASS, y)
-        net_out = model(x_t, t, y).float()
-        eps_pred = net_out[:, :x0.shape[1]]
-        l_simple = F.mse_loss(eps_pred, eps)
-        if self.variance != "learned":
-            return l_simple, dict(loss=l_simple.detach())
-        frozen = torch.cat([eps_pred.detach(), net_out[:, x0.shape[1]:]], dim=1)  # stop-gradient on the mean
-        l_vlb = self.T * self.vlb_term(frozen, x0, x_t, t).mean()  # L_vlb = sum_t L_t, estimated by T * L_t at the drawn t
-        loss = l_simple + vlb_weight * l_vlb
-        return loss, dict(loss=loss.detach(), l_simple=l_simple.detach(), l_vlb=l_vlb.detach())
-
-    @torch.no_grad()
-    def bound(self, model, x0, rng=None, y=None):
-        """The whole variational bound, term by term, in bits/dim per image: (L_T, sum L_{t-1}, L_0); with labels y,
-        the bound on -log p(x_0 | y)."""
-        prior, denoise, recon = self.prior_term(x0), torch.zeros(len(x0), device=x0.device), None
-        for t_int in range(self.T):
-            t = torch.full((len(x0),), t_int, device=x0.device, dtype=torch.long)
-            x_t = self.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, generator=rng))
-            term = self.vlb_term(model(x_t, t, y).float(), x0, x_t, t, clip=True)
-            if t_int == 0:
-                recon = term
-            else:
-                denoise += term
-        return prior, denoise, recon
+        kl = normal_kl(mean, logvar.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))
+        return kl.flatten(1).mean(1) / math.log(2)
 
 
 # ----------------------------------------------------------------------------- the U-Net eps_theta(x_t, t)
@@ -275,7 +255,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.heads)
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d", three=3,
+                            heads=self.heads)
         o = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(rearrange(o, "b heads (h w) d -> b (heads d) h w", h=h, w=w))
 
@@ -310,7 +291,12 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta(x_t, t) or, conditional, eps_theta(x_t, t, y): predicts the noise in x_t (and, with learned variance,
-    the interpolation v)."""
+    the interpolation v).
+
+    The skips: every map the way down makes (the stem's, each block's, each Downsample's) is kept, and the way up
+    concatenates them back in reverse order, one per block. A level of the way down makes num_res_blocks maps plus
+    its Downsample's (the first level: plus the stem's instead), so each level of the way up has num_res_blocks + 1
+    blocks, one per skip, and the channels each block takes are its input's plus that skip's."""
 
     def __init__(self, img_channels, ch, mults, num_res_blocks, dropout, learn_var, conditional=False):
         super().__init__()
@@ -321,7 +307,7 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(common.NUM_CLASSES + 1, t_dim) if conditional else None
         self.stem = nn.Conv2d(img_channels, ch, 3, padding=1)
         widths, lowest = [ch * m for m in mults], len(mults) - 1
-        self.down, skips, c = nn.ModuleList(), [ch], ch
+        self.down, skips, c = nn.ModuleList(), [ch], ch  # skips: the channels of each kept map, the stem's first
         for level, w in enumerate(widths):
             for _ in range(num_res_blocks):
                 self.down.append(Block(c, w, t_dim, dropout, attn=level == lowest))
@@ -333,12 +319,13 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([Block(c, c, t_dim, dropout, attn=True), Block(c, c, t_dim, dropout, attn=False)])
         self.up = nn.ModuleList()
         for level, w in reversed(list(enumerate(widths))):
-            for _ in range(num_res_blocks + 1):  # one more than on the way down: it takes the Downsample's skip
+            for _ in range(num_res_blocks + 1):  # one block per skip of this level (see the docstring)
                 self.up.append(Block(c + skips.pop(), w, t_dim, dropout, attn=level == lowest))
                 c = w
             if level != 0:
                 self.up.append(Upsample(c))
-        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, img_channels * (2 if learn_var else 1), 3, padding=1))
+        out = img_channels * (2 if learn_var else 1)  # eps, and with learned variance v
+        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, out, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # predict eps = 0 at first: the loss starts at 1, not at a random value
         self.ch = ch
 
@@ -347,7 +334,7 @@ class UNet(nn.Module):
         if self.class_embed is not None:  # no label given (y None): the null class, p(x) itself
             t_emb = t_emb + self.class_embed(torch.full_like(t, NULL_CLASS) if y is None else y)
         h = self.stem(x)
-        hs = [h]
+        hs = [h]  # the maps the way up takes back, in the order of `skips` above
         for m in self.down:
             h = m(h, t_emb)
             hs.append(h)
@@ -365,7 +352,8 @@ def build_model(mcfg, shape):
     except ValueError:
         mults = []
     if not mults or min(mults) < 1:
-        raise common.UsageError(f"--channel-mults {mcfg.channel_mults!r}: give positive integers separated by commas, e.g. 1,2,2")
+        raise common.UsageError(f"--channel-mults {mcfg.channel_mults!r}: give positive integers separated by commas, "
+                                f"e.g. 1,2,2")
     levels = len(mults) - 1
     if shape[1] % 2 ** levels or shape[2] % 2 ** levels:
         raise common.UsageError(f"{shape[1]}x{shape[2]} images cannot be halved {levels} times (--channel-mults "
@@ -374,6 +362,31 @@ def build_model(mcfg, shape):
         raise common.UsageError(f"--channels {mcfg.channels} must be a multiple of 8 (GroupNorm uses 8 groups)")
     return UNet(shape[0], mcfg.channels, mults, mcfg.num_res_blocks, mcfg.dropout, mcfg.variance == "learned",
                 mcfg.conditional)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def loss_fn(diffusion, model, x0, y=None, vlb_weight=0.0, p_uncond=0.0):
+    """Algorithm 1: t ~ Uniform, eps ~ N(0, I), a gradient step on ||eps - eps_theta(x_t, t)||^2 (L_simple, eq. 14).
+    With learned variance, Nichol & Dhariwal's hybrid L_simple + lambda L_vlb, lambda = --vlb-weight (0.001 in the
+    paper): L_vlb is large and noisy next to L_simple, and a small lambda keeps it from swamping the mean's signal.
+    With labels y, each is dropped to the null class with probability p_uncond (Ho & Salimans, Algorithm 1), so the
+    same network learns eps(x_t, t, y) and eps(x_t, t, null). Returns (loss, figures)."""
+    t = torch.randint(0, diffusion.T, (len(x0),), device=x0.device)
+    eps = torch.randn_like(x0)
+    x_t = diffusion.q_sample(x0, t, eps)
+    if y is not None:
+        y = torch.where(torch.rand(len(y), device=y.device) < p_uncond, NULL_CLASS, y)
+    net_out = model(x_t, t, y).float()
+    eps_pred = net_out[:, :x0.shape[1]]
+    l_simple = F.mse_loss(eps_pred, eps)
+    if diffusion.variance != "learned":
+        return l_simple, dict(loss=l_simple.detach())
+    # the stop-gradient: L_vlb sees the mean through a detached eps, so it trains Sigma only and the mean is L_simple's
+    frozen = torch.cat([eps_pred.detach(), net_out[:, x0.shape[1]:]], dim=1)
+    l_vlb = diffusion.T * diffusion.vlb_term(frozen, x0, x_t, t).mean()  # sum_t L_t, estimated by T L_t at a drawn t
+    loss = l_simple + vlb_weight * l_vlb
+    return loss, dict(loss=loss.detach(), l_simple=l_simple.detach(), l_vlb=l_vlb.detach())
 
 
 # ----------------------------------------------------------------------------- the samplers
@@ -401,7 +414,8 @@ def sample_ancestral(diffusion, model, shape, rng, y=None, w=0.0, frames=0, prog
     x = torch.randn(shape, device=device, generator=rng)
     keep = set(torch.linspace(0, diffusion.T - 1, frames).round().long().tolist()) if frames else set()
     snapshots = [x] if frames else []
-    for i, t_int in enumerate(tqdm(range(diffusion.T - 1, -1, -1), desc="sampling (ancestral)", leave=False, disable=not progress)):
+    for i, t_int in enumerate(tqdm(range(diffusion.T - 1, -1, -1), desc="sampling (ancestral)", leave=False,
+                                   disable=not progress)):
         t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
         mean, logvar, _ = diffusion.p_mean_logvar(guided(model, x, t, y, w), x, t)
         z = torch.randn(shape, device=device, generator=rng) if t_int > 0 else torch.zeros_like(x)
@@ -432,7 +446,8 @@ def sample_ddim(diffusion, model, shape, steps, eta, rng, y=None, w=0.0, frames=
         _, _, x0 = diffusion.p_mean_logvar(guided(model, x, t, y, w), x, t)  # the clipped x_0
         ab = extract(diffusion.alpha_bar, t)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the eps that goes with the clipped x_0
-        ab_prev = extract(diffusion.alpha_bar, torch.full_like(t, ts[i + 1])) if i + 1 < len(ts) else torch.ones_like(ab)
+        last = i + 1 == len(ts)  # the last step goes to alpha_bar = 1: x_0 itself
+        ab_prev = torch.ones_like(ab) if last else extract(diffusion.alpha_bar, torch.full_like(t, ts[i + 1]))
         mean, sigma = ddim_step(ab, ab_prev, x0, eps, eta)
         x = mean + sigma * torch.randn(shape, device=device, generator=rng)
         if i in keep:
@@ -441,9 +456,9 @@ def sample_ddim(diffusion, model, shape, steps, eta, rng, y=None, w=0.0, frames=
 
 
 def sample(diffusion, model, shape, cfg, seed, y=None, w=None, frames=0, progress=False):
-    """The sampler that --sampler names, for labels y (None: unconditional) guided with w (default --guidance),
-    from its own seeded generator: every grid of a run starts from the same x_T, and the training run's random
-    numbers are untouched."""
+    """Fresh samples in [-1, 1] (and `frames` snapshots) from the sampler that --sampler names, for labels y (None:
+    unconditional) guided with w (default --guidance), from a generator of their own seeded by `seed`: every grid
+    of a run starts from the same x_T, and the training run's random numbers are untouched."""
     rng = torch.Generator(diffusion.betas.device).manual_seed(seed)
     w = cfg.guidance if w is None else w
     if cfg.sampler == "ancestral":
@@ -458,6 +473,24 @@ def check_guidance(cfg):
                                 f"{cfg.out} is not: drop --guidance, or train with --conditional")
 
 
+# ----------------------------------------------------------------------------- the family's measure: the bound
+
+@torch.no_grad()
+def bound(diffusion, model, x0, rng=None, y=None):
+    """The whole variational bound on -log p(x_0), term by term, in bits/dim per image: (L_T, sum_t L_{t-1}, L_0),
+    one network pass per step t; with labels y, the bound on -log p(x_0 | y)."""
+    prior, denoise, recon = diffusion.prior_term(x0), torch.zeros(len(x0), device=x0.device), None
+    for t_int in range(diffusion.T):
+        t = torch.full((len(x0),), t_int, device=x0.device, dtype=torch.long)
+        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, generator=rng))
+        term = diffusion.vlb_term(model(x_t, t, y).float(), x0, x_t, t, clip=True)
+        if t_int == 0:
+            recon = term
+        else:
+            denoise += term
+    return prior, denoise, recon
+
+
 # ----------------------------------------------------------------------------- pictures
 
 def strip(columns):
@@ -469,101 +502,74 @@ def forward_process_picture(diffusion, x0, path, seed):
     """x_0 -> x_T for a few training images: q(x_t | x_0) at ten t from 0 to T-1."""
     rng = torch.Generator(x0.device).manual_seed(seed)
     ts = torch.linspace(0, diffusion.T - 1, 10).round().long().to(x0.device)
-    cols = [x0] + [diffusion.q_sample(x0, t.repeat(len(x0)), torch.randn(x0.shape, device=x0.device, generator=rng)) for t in ts]
+    cols = [x0] + [diffusion.q_sample(x0, t.repeat(len(x0)), torch.randn(x0.shape, device=x0.device, generator=rng))
+                   for t in ts]
     common.save_grid(strip(cols), path, nrow=len(cols))
 
 
 GUIDANCE_WEIGHTS = (0, 1, 3, 7)  # the columns of guidance.png
 
 
-def sample_pictures(diffusion, ema, cfg, shape, out, step):
-    """samples_<step>.png (a row per class for a --conditional model); at the end of the run also
-    reverse_process.png, x_T -> x_0 for 8 of them, and for a conditional model guidance.png."""
-    device = diffusion.betas.device
-    y = common.class_labels(cfg, shape[0], device)
-    with common.autocast(device, cfg.precision):
-        x, frames = sample(diffusion, ema, shape, cfg, cfg.seed, y, frames=10, progress=True)
+def guidance_picture(diffusion, ema, cfg, shape, path):
+    """guidance.png: a row per class (or ten rows of --label), a column per guidance weight w in GUIDANCE_WEIGHTS,
+    each row from one x_T for every w: what guidance does to the same start."""
+    y = common.class_labels(cfg, common.NUM_CLASSES, diffusion.betas.device)
+    columns = [sample(diffusion, ema, (len(y), *shape), cfg, cfg.seed, y, w)[0] for w in GUIDANCE_WEIGHTS]
+    common.save_grid(strip(columns), path, nrow=len(columns))
+
+
+def sample_grid(diffusion, ema, cfg, x0, step):
+    """The pictures of a grid step of the run: samples_<step>.png from the EMA weights (a row per class for a
+    --conditional model) and forward_process.png of the training images x0; at the end of the run also
+    reverse_process.png, x_T -> x_0 for 8 of the samples, and for a conditional model guidance.png."""
+    out, shape = Path(cfg.out), (cfg.num_samples, *x0.shape[1:])
+    y = common.class_labels(cfg, shape[0], x0.device)
+    x, frames = sample(diffusion, ema, shape, cfg, cfg.seed, y, frames=10, progress=True)
     common.save_grid(common.signed_to_unit(x), out / f"samples_{step}.png", labels=y)
+    forward_process_picture(diffusion, x0, out / "forward_process.png", cfg.seed)
     if step == cfg.steps:
         common.save_grid(strip([f[:8] for f in frames]), out / "reverse_process.png", nrow=len(frames))
         if y is not None:
             guidance_picture(diffusion, ema, cfg, shape[1:], out / "guidance.png")
 
 
-def guidance_picture(diffusion, ema, cfg, shape, path):
-    """guidance.png: a row per class (or ten rows of --label), a column per guidance weight w in GUIDANCE_WEIGHTS,
-    each row from one x_T for every w: what guidance does to the same start."""
-    y = common.class_labels(cfg, common.NUM_CLASSES, diffusion.betas.device)
-    with common.autocast(diffusion.betas.device, cfg.precision):
-        columns = [sample(diffusion, ema, (len(y), *shape), cfg, cfg.seed, y, w)[0] for w in GUIDANCE_WEIGHTS]
-    common.save_grid(strip(columns), path, nrow=len(columns))
-
-
 # ----------------------------------------------------------------------------- training
 
 def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    x_train, y_train = common.load_split(cfg, "train", device)  # y_train: None unless --conditional
-    diffusion = Diffusion(cfg.model, device)  # a bad schedule stops here, before anything is written
-    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)
-    common.class_labels(cfg, 1, device)  # so do --label and --guidance on an unconditional model
+    run = common.Run(cfg, "ddpm")  # the device, the seeds, torchrun (common.py): nothing is written yet
+    x_train, y_train = common.load_split(cfg, "train", run.device)  # y_train: None unless --conditional
+    diffusion = Diffusion(cfg.model, run.device)  # a bad schedule stops here, before anything is written
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(run.device)
     check_guidance(cfg)
-    ema = common.make_ema(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_rng = common.data_generator(device, cfg.seed)
-    batch = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
-    out = common.start_run(cfg)
-    step = common.load_checkpoint(out / "ckpt.pt", "ddpm", data_rng, model=model, ema=ema, opt=opt) if cfg.resume else 0
-    common.check_resume(cfg, step)
-    common.say(f"ddpm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training images "
-          f"{tuple(x_train.shape[1:])}, {device}")
-    if step == 0 and common.is_main():
-        common.run_safely("forward_process.png", lambda: forward_process_picture(
-            diffusion, common.uint8_to_signed(x_train[:8]), out / "forward_process.png", cfg.seed))
-    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
-    shape = (cfg.num_samples, *x_train.shape[1:])
-    start, log = step, common.Logger(out, cfg.steps, step)
-    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "ddpm", cfg, step, rng, model=model, ema=ema, opt=opt)
-    with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.stopping():
-            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            drawn = common.random_batch(x_train, batch, data_rng, y_train)
-            x0, y = drawn if y_train is not None else (drawn, None)  # y: the labels of a --conditional model
-            x0 = common.uint8_to_signed(x0)
-            for g in opt.param_groups:  # linear warm-up: large early updates would undo the zero-initialised layers
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-            with common.autocast(device, cfg.precision):
-                loss, figures = diffusion.training_loss(forward_model, x0, cfg.vlb_weight, y, cfg.model.p_uncond)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            common.check_finite(step, loss=loss, grad_norm=figures["grad_norm"])  # before the update is applied
-            if step > start and step % cfg.ckpt_every == 0:
-                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
-            opt.step()
-            common.ema_update(ema, model, cfg.ema_decay, step)
-            step += 1
-            log.count(cfg.batch_size)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, **figures)
-            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
-                common.run_safely("the sample grid", lambda: sample_pictures(diffusion, ema, cfg, shape, out, step))
-                common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
-    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
-    ctrl_c.exit_if_requested(step)
-    common.say(f"done: {out}")
+    ema, opt = common.make_ema(model), torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    shown = common.uint8_to_signed(x_train[:8])  # the training images of forward_process.png
+    run.start(dict(model=model, ema=ema, opt=opt), lambda step: sample_grid(diffusion, ema, cfg, shown, step))
+    net = run.wrap(model)  # the model as the step calls it: DDP under torchrun, compiled with --compile
+    for step in run:
+        x0, y = run.batch(x_train, y_train)  # y: the labels of a --conditional model, else None
+        x0 = common.uint8_to_signed(x0)  # [-1, 1], the scale the schedule's noise is sized for
+        for group in opt.param_groups:  # linear warm-up: large early updates would undo the zero-initialised layers
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        with run.autocast():
+            loss, figures = loss_fn(diffusion, net, x0, y, cfg.vlb_weight, cfg.model.p_uncond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.check(loss=loss, grad_norm=figures["grad_norm"])  # a NaN stops the run here, before the update
+        opt.step()
+        common.ema_update(ema, model, cfg.ema_decay, step)
+        run.log(figures)
+    run.finish()
 
 
-# ----------------------------------------------------------------------------- the other modes
+# ----------------------------------------------------------------------------- the modes
 
 def load_for_inference(cfg):
     """(the EMA U-Net that samples and evaluates, the test images as uint8, their labels or None) from the run in
-    --out; a --label or --guidance the model cannot take stops here."""
+    --out; a --guidance the model cannot take stops here."""
     device = common.get_device(cfg.device)
-    x_test, y_test = common.load_split(cfg, "test", device)
-    common.class_labels(cfg, 1, device)
     check_guidance(cfg)
+    x_test, y_test = common.load_split(cfg, "test", device)
     ema = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
     common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "ddpm", ema=ema)
     return ema, x_test, y_test
@@ -573,14 +579,16 @@ def evaluate(cfg):
     """The bound on test images: -log p(x_0) <= L_T + sum_t L_{t-1} + L_0, in bits/dim (T network passes per image)."""
     ema, x_test, y_test = load_for_inference(cfg)
     diffusion = Diffusion(cfg.model, x_test.device)
-    x_test, part = x_test[:cfg.eval_n], common.shard(min(cfg.eval_n, len(x_test)))  # under torchrun: each rank its share
+    x_test = x_test[:cfg.eval_n]
+    part = common.shard(len(x_test))  # under torchrun: each rank its share
     rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
     parts = torch.zeros(3, dtype=torch.float64)
     for i in tqdm(range(part.start, part.stop, cfg.batch_size), desc="the bound", disable=not common.is_main()):
         j = min(i + cfg.batch_size, part.stop)
         y = None if y_test is None else y_test[i:j]  # a conditional model: the bound on -log p(x | y), true labels
-        parts += torch.stack([p.sum().cpu() for p in diffusion.bound(ema, common.uint8_to_signed(x_test[i:j]), rng, y)]).double()
-    prior, denoise, recon = (common.sum_over_ranks(parts) / len(x_test)).tolist()
+        terms = bound(diffusion, ema, common.uint8_to_signed(x_test[i:j]), rng, y)
+        parts += torch.stack([p.sum().cpu() for p in terms]).double()
+    prior, denoise, recon = (common.reduce_over_ranks(parts) / len(x_test)).tolist()
     rows = {"L_T      prior matching (bits/dim)": prior, "L_t-1    denoising (bits/dim)": denoise,
             "L_0      reconstruction (bits/dim)": recon, "NLL <=   total (bits/dim)": prior + denoise + recon}
     given = " given their labels, -log p(x | y)" if y_test is not None else ""
@@ -596,11 +604,13 @@ def sample_from_checkpoint(cfg):
         shape = (min(500, part.stop - n), *x_test.shape[1:])
         y = common.class_labels(cfg, shape[0], x_test.device, start=n)  # image i: class i mod 10, or --label
         with common.autocast(x_test.device, cfg.precision):
-            chunks.append(common.signed_to_unit(sample(diffusion, ema, shape, cfg, cfg.seed + n, y, progress=True)[0]).float())
+            x, _ = sample(diffusion, ema, shape, cfg, cfg.seed + n, y, progress=True)
+        chunks.append(common.signed_to_unit(x).float())
     samples = common.gather_cat(torch.cat(chunks).cpu() if chunks else torch.zeros(0, *x_test.shape[1:]))
     common.save_samples(cfg, samples)
     w = f", guidance w = {cfg.guidance:g}" if cfg.model.conditional else ""
-    common.say(f"{len(samples)} samples ({cfg.sampler}{w}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt")
+    common.say(f"{len(samples)} samples ({cfg.sampler}{w}) in {time.time() - start:.1f}s -> {cfg.out}/samples.png, "
+               f"samples.pt")
 
 
 @common.entry

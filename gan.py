@@ -10,7 +10,8 @@ Algorithm 1 of the paper alternates k discriminator steps with one generator ste
 log D(G(z)) instead of descending log(1 - D(G(z))) (the "non-saturating" loss, same fixed point, strong
 gradients early on). The networks follow Radford et al. 2016 ("Unsupervised Representation Learning with
 Deep Convolutional Generative Adversarial Networks"): transposed convolutions, BatchNorm and ReLU in G,
-strided convolutions and LeakyReLU in D, Adam(2e-4, beta1 0.5), weights drawn from N(0, 0.02).
+strided convolutions, BatchNorm (not on D's input) and LeakyReLU(0.2) in D, Adam(2e-4, beta1 0.5), and the
+convolutions' weights drawn from N(0, 0.02).
 
 --conditional makes it a class-conditional GAN (Mirza & Osindero 2014, "Conditional Generative Adversarial Nets"),
 in the form of Miyato & Koyama 2018 ("cGANs with Projection Discriminator"). G(z, y) takes the class through
@@ -80,7 +81,10 @@ PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU 
 # ----------------------------------------------------------------------------- the two networks
 
 def dcgan_init(m):
-    """Radford et al.: every conv weight ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0."""
+    """Every conv weight ~ N(0, 0.02), as Radford et al. write ("All weights were initialized from a zero-centered
+    Normal distribution with standard deviation 0.02"). The paper says nothing of BatchNorm's parameters: its scale
+    ~ N(1, 0.02) and shift 0 come from the DCGAN reference code (soumith/dcgan.torch main.lua,
+    m.weight:normal(1.0, 0.02); pytorch/examples dcgan/main.py, torch.nn.init.normal_(m.weight, 1.0, 0.02))."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
@@ -89,10 +93,11 @@ def dcgan_init(m):
 
 
 class Generator(nn.Module):
-    """z -> image: a 1x1 "image" of z_dim channels, upsampled by transposed convolutions. The first layer's
+    """(z, y) -> image: a 1x1 "image" of z_dim channels, upsampled by transposed convolutions. The first layer's
     kernel is the quarter image size, so one network shape serves 28x28 (7 -> 14 -> 28) and 32x32 (8 -> 16 -> 32).
-    conditional: (z, y) -> image, with conditional BatchNorm: every BatchNorm's output is scaled and shifted per class,
-    h (1 + gamma_y) + beta_y (gamma, beta learned, zero at first: G starts as the unconditional one)."""
+    y is None for an unconditional model. A conditional one has conditional BatchNorm: after each of the two
+    BatchNorms, h (1 + gamma_y) + beta_y, a scale and shift of the class y (gamma, beta learned, zero at first: G
+    starts as the unconditional one)."""
 
     def __init__(self, z_dim, ch, img_channels, size, conditional=False):
         super().__init__()
@@ -107,28 +112,35 @@ class Generator(nn.Module):
         )
         self.z_dim = z_dim
         self.apply(dcgan_init)
-        # [gamma_y, beta_y] for the two BatchNorms (4ch and 2ch channels), zero at first
-        self.embed = nn.ModuleList(nn.Embedding(common.NUM_CLASSES, 2 * c) for c in (4 * ch, 2 * ch)) if conditional else None
+        # embed[i](y) = [gamma_y, beta_y] of the i-th BatchNorm (4ch, then 2ch channels), zero at first
+        self.embed = nn.ModuleList(nn.Embedding(common.NUM_CLASSES, 2 * c) for c in (4 * ch, 2 * ch)) \
+            if conditional else None
         for e in self.embed or []:
             nn.init.zeros_(e.weight)
 
+    def class_scale_shift(self, h, i, y):
+        """The class part of conditional BatchNorm i: h (1 + gamma_y) + beta_y; h itself for an unconditional G."""
+        if self.embed is None:
+            return h
+        gamma, beta = self.embed[i](y)[:, :, None, None].chunk(2, 1)  # each B x channels x 1 x 1
+        return h * (1 + gamma) + beta
+
     def forward(self, z, y=None):
-        h = z[:, :, None, None]  # B x z_dim -> B x z_dim x 1 x 1
-        class_norms = iter(self.embed or [])
-        for layer in self.net:
-            h = layer(h)
-            if self.embed is not None and isinstance(layer, nn.BatchNorm2d):  # conditional BatchNorm
-                gamma, beta = next(class_norms)(y)[:, :, None, None].chunk(2, 1)
-                h = h * (1 + gamma) + beta  # h (1 + gamma_y) + beta_y
-        return h
+        up1, norm1, relu1, up2, norm2, relu2, up3, tanh = self.net  # the layers of self.net, in order
+        h = norm1(up1(z[:, :, None, None]))  # B x z_dim -> B x z_dim x 1 x 1 -> B x 4ch x H/4 x W/4
+        h = relu1(self.class_scale_shift(h, 0, y))  # conditional BatchNorm 1 (without classes: plain BatchNorm)
+        h = norm2(up2(h))  # B x 2ch x H/2 x W/2
+        h = relu2(self.class_scale_shift(h, 1, y))  # conditional BatchNorm 2
+        return tanh(up3(h))  # B x C x H x W
 
 
 class Discriminator(nn.Module):
-    """image -> logit l, with D(x) = sigmoid(l): strided convolutions instead of pooling, LeakyReLU(0.2), no
+    """(image, y) -> logit l, with D(x) = sigmoid(l): strided convolutions instead of pooling, LeakyReLU(0.2), no
     BatchNorm on the first layer (Radford et al.), and no sigmoid at the end, so the losses can use log-sigmoid.
-    conditional: (image, y) -> logit, the projection discriminator l = psi(phi(x)) + embed(y)^T phi(x), where
-    phi(x) is every feature before the last layer (2ch x H/4 x W/4) and psi that last layer. psi is linear here, so
-    the projection gives each class its own last-layer kernel, w + embed(y): the class enters only at the end."""
+    y is None for an unconditional model. A conditional one is the projection discriminator
+    l = psi(phi(x)) + embed(y)^T phi(x), where phi(x) is every feature before the last layer (2ch x H/4 x W/4) and
+    psi that last layer. psi is linear here, so the projection gives each class its own last-layer kernel,
+    w + embed(y): the class enters only at the end."""
 
     def __init__(self, ch, img_channels, size, conditional=False):
         super().__init__()
@@ -153,12 +165,12 @@ class Discriminator(nn.Module):
         return logit
 
 
-def build_models(mcfg, shape):
+def build_model(mcfg, shape):
     """(G, D) for images of `shape` (C, H, W)."""
     c, h, w = shape
     if h % 4 or w % 4 or min(h, w) < 8:
-        raise common.UsageError(f"{h}x{w} images: the DCGAN halves each side twice, so use sides that are multiples of 4 "
-                                f"(28x28 MNIST, 32x32 CIFAR-10); resize the images first")
+        raise common.UsageError(f"{h}x{w} images: the DCGAN halves each side twice, so use sides that are multiples "
+                                f"of 4 (28x28 MNIST, 32x32 CIFAR-10); resize the images first")
     return (Generator(mcfg.z_dim, mcfg.g_channels, c, (h, w), mcfg.conditional),
             Discriminator(mcfg.d_channels, c, (h, w), mcfg.conditional))
 
@@ -183,70 +195,76 @@ def g_loss(fake_logit, kind):
 
 
 # ----------------------------------------------------------------------------- Algorithm 1, one step at a time
+# A batch is a pair: real (x, y), x a batch of images in [-1, 1]; noise (z, y), z ~ N(0, I). y holds the classes
+# (of the images; of the fakes to make), or is None for an unconditional model. The networks take the pair as it
+# comes, D(x, y) and G(z, y): a conditional D judges each fake as the class it was made for.
+# check(**figures) is called with the loss after backward() and before the optimizer's step: train passes run.check
+# (common.py), which stops the run if the loss is not finite, so that no update from it is ever applied.
 
-def as_args(batch):
-    """A network's inputs: x (or z), or for a conditional model the pair (x, y) (or (z, y)), as D(x, y) and G(z, y)
-    take them; returns the tuple of arguments, (x,) or (x, y)."""
-    return batch if isinstance(batch, tuple) else (batch,)
+def no_check(**figures):
+    """The default check: none (the tests and benchmarks that call the steps directly)."""
 
 
-def d_step(G, D, opt_d, x_real, z, step=0, amp=contextlib.nullcontext):
-    """One step of gradient ascent on V for D; G only makes the fakes, under no_grad, so it cannot change.
-    A conditional model passes (x, y) and (z, y) pairs: each fake is judged as the class it was made for."""
-    real, noise = as_args(x_real), as_args(z)
+def d_step(G, D, opt_d, real, noise, check=no_check, amp=contextlib.nullcontext):
+    """One step of gradient ascent on V for D, on the real pair (x, y) and fakes G(z, y) of the noise pair (z, y);
+    G only makes the fakes, under no_grad, so it cannot change."""
+    (x, y_real), (z, y_fake) = real, noise
     with torch.no_grad(), amp():
-        fake = G(*noise)
+        fake = G(z, y_fake)
     with amp():  # real and fake in separate passes, so each BatchNorm batch is all real or all fake (DCGAN)
-        real_logit, fake_logit = D(*real).float(), D(fake, *noise[1:]).float()  # noise[1:]: (y,), or ()
+        real_logit, fake_logit = D(x, y_real).float(), D(fake, y_fake).float()
     loss = d_loss(real_logit, fake_logit)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
-    common.check_finite(step, d_loss=loss)  # before the update: D never takes a non-finite step
+    check(d_loss=loss)  # before the update: D never takes a non-finite step
     opt_d.step()
     return dict(d_loss=loss.detach(), D_x=torch.sigmoid(real_logit).mean().detach(),
                 D_G_z=torch.sigmoid(fake_logit).mean().detach())
 
 
-def g_step(G, D, opt_g, z, kind, step=0, amp=contextlib.nullcontext):
-    """One step of G on its loss; the gradient flows through D to G(z), but D's weights are frozen for it.
-    z, or (z, y) for a conditional model: D judges G(z, y) as class y."""
-    noise = as_args(z)
+def g_step(G, D, opt_g, noise, kind, check=no_check, amp=contextlib.nullcontext):
+    """One step of G on its loss for the noise pair (z, y): D judges G(z, y) as class y; the gradient flows through
+    D to G(z, y), but D's weights are frozen for it."""
+    z, y = noise
     D.requires_grad_(False)  # no gradient for D's weights: D's optimizer will not see this step, and it is cheaper
     try:
         with amp():
-            fake_logit = D(G(*noise), *noise[1:]).float()
+            fake_logit = D(G(z, y), y).float()
         loss = g_loss(fake_logit, kind)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
     finally:
         D.requires_grad_(True)
-    common.check_finite(step, g_loss=loss)
+    check(g_loss=loss)  # before the update: G never takes a non-finite step
     opt_g.step()
     return dict(g_loss=loss.detach())
 
 
-def train_iteration(G, D, opt_g, opt_d, real_batch, noise, cfg, step=0, amp=contextlib.nullcontext):
-    """Algorithm 1 of Goodfellow et al.: k times (fresh x and z each time) update D; then fresh z, update G.
-    `real_batch()` draws x from the data, `noise()` draws z ~ p(z); for a conditional model, (x, y) with the images'
-    labels, and (z, y) with the classes of the fakes to make."""
+def train_iteration(G, D, opt_g, opt_d, draw_real, draw_noise, cfg, check=no_check, amp=contextlib.nullcontext,
+                    D_module=None):
+    """Algorithm 1 of Goodfellow et al.: k = cfg.d_steps times (fresh x and z each time) update D; then fresh z,
+    update G (cfg.g_loss: its loss). draw_real() returns a real pair (x, y): a batch of training images in [-1, 1]
+    and their labels; draw_noise() returns a noise pair (z, y): z ~ N(0, I), B x z_dim, and the classes of the fakes
+    to make; y is None in both for an unconditional model. D_module is D itself where D is a wrapper of it (DDP,
+    torch.compile): the G step judges with it (default: D)."""
     for _ in range(cfg.d_steps):
-        figures = d_step(G, D, opt_d, real_batch(), noise(), step, amp)
+        figures = d_step(G, D, opt_d, draw_real(), draw_noise(), check, amp)
     # the G step goes through D's own module, not its DDP wrapper: D's weights are frozen there, and a DDP forward
     # would wait for gradients of D that never come
-    figures.update(g_step(G, common.unwrap(D), opt_g, noise(), cfg.g_loss, step, amp))
+    figures.update(g_step(G, D if D_module is None else D_module, opt_g, draw_noise(), cfg.g_loss, check, amp))
     return figures
 
 
-# ----------------------------------------------------------------------------- the sampler: x = G(z), z ~ N(0, I)
+# ----------------------------------------------------------------------------- the sampler: x = G(z, y), z ~ N(0, I)
 
 @torch.no_grad()
-def generate(G, z, y=None, batch=500):
-    """G(z) (G(z, y): a conditional model, classes y) in [0, 1], in eval mode (BatchNorm uses its running
-    statistics, so an image does not depend on the others in its batch), in chunks of `batch`."""
+def sample(G, z, y=None, batch=500):
+    """Fresh images G(z, y) in [0, 1] (y: the classes of a conditional G, else None), in eval mode (BatchNorm uses its
+    running statistics, so an image does not depend on the others in its batch), in chunks of `batch`."""
     was_training = G.training
     G.eval()
-    chunk = lambda i: (z[i:i + batch],) if y is None else (z[i:i + batch], y[i:i + batch])
-    x = torch.cat([common.signed_to_unit(G(*chunk(i))).float() for i in range(0, len(z), batch)])
+    x = torch.cat([common.signed_to_unit(G(z[i:i + batch], None if y is None else y[i:i + batch])).float()
+                   for i in range(0, len(z), batch)])
     G.train(was_training)
     return x
 
@@ -256,123 +274,37 @@ def fixed_noise(n, z_dim, seed, device):
     return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-# ----------------------------------------------------------------------------- evaluation: the game's value on test images
+# ----------------------------------------------------------------------------- the family's measure: the game's value
 
 @torch.no_grad()
 def game_value(G, D, x_test, batch_size, seed, y_test=None):
-    """V(D, G) = E log D(x) + E log(1 - D(G(z))) on the test images and as many fakes, with the means of D(x) and
-    D(G(z)) and both generator losses. The networks run as in training (BatchNorm on batches all real or all fake,
-    with their own statistics), so the figures compare with log.jsonl's; z comes from a generator seeded by `seed`.
-    A conditional model gets the test labels y_test: D(x, y) on the images, D(G(z, y), y) on fakes of their classes."""
+    """V(D, G) = E log D(x) + E log(1 - D(G(z))) on the test images x_test (in [-1, 1]) and as many fakes, with the
+    means of D(x) and D(G(z)) and both generator losses. The networks run as in training (BatchNorm on batches all
+    real or all fake, with their own statistics), so the figures compare with log.jsonl's; z comes from a generator
+    seeded by `seed`. A conditional model gets the test labels y_test: D(x, y) on the images, D(G(z, y), y) on fakes
+    of their classes."""
     rng = torch.Generator().manual_seed(seed)
     log_d_real, log_1m_d_fake, log_d_fake, d_real, d_fake = [], [], [], [], []
     for i in range(0, len(x_test), batch_size):
-        x = common.uint8_to_signed(x_test[i:i + batch_size])
+        x = x_test[i:i + batch_size]
         z = torch.randn(len(x), G.z_dim, generator=rng).to(x.device)
-        y = () if y_test is None else (y_test[i:i + batch_size],)  # the labels, as an argument list
-        real_logit, fake_logit = D(x, *y).float(), D(G(z, *y), *y).float()
+        y = None if y_test is None else y_test[i:i + batch_size]
+        real_logit, fake_logit = D(x, y).float(), D(G(z, y), y).float()
         log_d_real.append(F.logsigmoid(real_logit))  # log D(x)
         log_1m_d_fake.append(F.logsigmoid(-fake_logit))  # log(1 - D(G(z)))
         log_d_fake.append(F.logsigmoid(fake_logit))  # log D(G(z))
         d_real.append(torch.sigmoid(real_logit))
         d_fake.append(torch.sigmoid(fake_logit))
     mean = lambda parts: torch.cat(parts).mean().item()
-    return {"V(D, G) = E log D(x) + E log(1 - D(G(z)))  (-log 4 at the optimum)": mean(log_d_real) + mean(log_1m_d_fake),
+    value = mean(log_d_real) + mean(log_1m_d_fake)  # V(D, G)
+    return {"V(D, G) = E log D(x) + E log(1 - D(G(z)))  (-log 4 at the optimum)": value,
             "mean D(x) on test images  (1/2 at the optimum)": mean(d_real),
             "mean D(G(z))  (1/2 at the optimum)": mean(d_fake),
             "G loss, non-saturating: -E log D(G(z))": -mean(log_d_fake),
             "G loss, minimax: E log(1 - D(G(z)))": mean(log_1m_d_fake)}
 
 
-def load_networks(cfg, *keys):
-    """The test split (uint8, labels) and the networks stored under `keys` ("G", "D", "ema") in the run in --out."""
-    device = common.get_device(cfg.device)
-    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
-    shape = tuple(x_test.shape[1:])
-    nets = {k: build_models(cfg.model, shape)[k == "D"].to(device) for k in keys}  # "ema" is a G with other weights
-    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "gan", **nets)
-    return x_test, y_test, nets
-
-
-def load_for_inference(cfg):
-    """(the generator that samples: G, or the EMA of its weights with --ema; the test images as uint8; their labels)
-    from the run in --out."""
-    key = "ema" if cfg.ema else "G"
-    x_test, y_test, nets = load_networks(cfg, key)
-    return nets[key].eval(), x_test, y_test
-
-
-def evaluate(cfg):
-    """The game's value and D's verdicts on the test set (a GAN has no likelihood to report)."""
-    x_test, y_test, nets = load_networks(cfg, "G", "D")
-    y = y_test if cfg.model.conditional else None  # a conditional model: the test images' labels, and fakes of them
-    rows = game_value(nets["G"], nets["D"], x_test, cfg.batch_size, cfg.seed, y)
-    of = " with their labels y, as many samples of G(z, y)" if y is not None else " and as many samples of G"
-    return common.report(cfg.out, f"{len(x_test)} test images of {cfg.model.dataset}{of}", rows, n=len(x_test))
-
-
-# ----------------------------------------------------------------------------- training
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    x_train, y_train = common.load_split(cfg, "train", device)  # stays uint8; y: labels, a conditional model only
-    G, D = (m.to(device) for m in build_models(cfg.model, tuple(x_train.shape[1:])))  # bad sizes stop here
-    y_fixed = common.class_labels(cfg, cfg.num_samples, device)  # the grids' classes; so does a --label it cannot take
-    ema = common.make_ema(G)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    data_rng = common.data_generator(device, cfg.seed)
-    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
-    out = common.start_run(cfg)
-    nets = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema)
-    step = common.load_checkpoint(out / "ckpt.pt", "gan", data_rng, **nets) if cfg.resume else 0
-    common.check_resume(cfg, step)
-    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-    common.say(f"gan: G {n_g / 1e6:.2f}M, D {n_d / 1e6:.2f}M parameters, {len(x_train)} training images "
-          f"{tuple(x_train.shape[1:])}, {device}, k = {cfg.d_steps}, {cfg.g_loss} G loss"
-          f"{', conditional on the class' * cfg.model.conditional}")
-    # Under torchrun both networks are DDP-wrapped: their gradients are averaged over the ranks. BatchNorm stays
-    # per rank (each normalizes its own share of the batch; SyncBatchNorm would cost a collective per layer), and
-    # the EMA of G is updated on every rank from the same averaged weights, so it is the same everywhere.
-    G_fwd, D_fwd = (common.ddp(common.maybe_compile(m, cfg)) for m in (G, D))
-    # Real images in [-1, 1], and z ~ N(0, I) from torch's generator (--resume restores it). A conditional model gets
-    # (x, y) with the images' labels, and (z, y) with the fakes' classes drawn uniformly, not copied from a real batch:
-    # G trains on the equal shares of classes that --sample asks of it (mnist, fashion-mnist and cifar10 are balanced,
-    # so this is near p_data(y) too), and a fresh (z, y) per step stays Algorithm 1's fresh z, independent of the data.
-    def real_batch():
-        batch = common.random_batch(x_train, batch_size, data_rng, y_train)
-        return common.uint8_to_signed(batch) if y_train is None else (common.uint8_to_signed(batch[0]), batch[1])
-
-    def noise():
-        z = torch.randn(batch_size, cfg.model.z_dim, device=device)
-        return z if y_train is None else (z, torch.randint(common.NUM_CLASSES, (batch_size,), device=device))
-
-    amp = lambda: common.autocast(device, cfg.precision)
-    z_fixed = fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device)
-    start, log = step, common.Logger(out, cfg.steps, step)
-    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "gan", cfg, step, rng, **nets)
-    with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.stopping():
-            rng = common.rng_state(data_rng)  # where this iteration starts: its checkpoint resumes here
-            if step > start and step % cfg.ckpt_every == 0:
-                save(rng)  # the weights of `step`, before this iteration's k + 1 updates
-            figures = train_iteration(G_fwd, D_fwd, opt_g, opt_d, real_batch, noise, cfg, step, amp)
-            common.ema_update(ema, G, cfg.ema_decay, step)
-            step += 1
-            log.count(cfg.batch_size)  # real images per step; each also costs k D passes on fakes and 1 G pass
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, **figures)
-            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():  # the same z in every grid of the run
-                common.run_safely("the sample grid", lambda: common.save_grid(
-                    generate(ema if cfg.ema else G, z_fixed, y_fixed), out / f"samples_{step}.png", labels=y_fixed))
-                common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
-    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
-    ctrl_c.exit_if_requested(step)
-    common.say(f"done: {out}; --sample draws samples and the latent pictures")
-
-
-# ----------------------------------------------------------------------------- the other modes: samples and latent pictures
+# ----------------------------------------------------------------------------- pictures: the grids and the latent space
 
 def interpolation(G, z, rows=8, cols=10, y=None):
     """Each row walks in a straight line from one z to another, z_t = (1 - t) z_a + t z_b (Radford et al. Fig. 4):
@@ -380,8 +312,8 @@ def interpolation(G, z, rows=8, cols=10, y=None):
     conditional model keeps row r's class y[r] all along: the walk changes the style, not the class."""
     za, zb = z[:rows], z[rows:2 * rows]
     t = torch.linspace(0, 1, cols, device=z.device)[None, :, None]
-    return generate(G, ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1),
-                    None if y is None else y[:rows].repeat_interleave(cols))
+    return sample(G, ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1),
+                  None if y is None else y[:rows].repeat_interleave(cols))
 
 
 def ink(x):
@@ -392,7 +324,7 @@ def ink(x):
 def ink_direction(G, z, frac=0.1, y=None):
     """Latent vector arithmetic (Radford et al. Sec. 6.3): mean z of the thickest samples minus mean z of the thinnest,
     by ink mass, the averaged-z version of 'smiling woman - neutral woman' (a conditional model: of the classes y)."""
-    order = ink(generate(G, z, y)).argsort()
+    order = ink(sample(G, z, y)).argsort()
     k = max(1, int(len(z) * frac))
     return z[order[-k:]].mean(0) - z[order[:k]].mean(0)
 
@@ -403,8 +335,86 @@ def arithmetic(G, z_base, direction, alphas=(-1.5, -1, -0.5, 0, 0.5, 1, 1.5), y=
     its name says."""
     a = torch.tensor(alphas, device=z_base.device)[None, :, None]
     y = None if y is None else y.repeat_interleave(len(alphas))
-    x = generate(G, (z_base[:, None] + a * direction).flatten(0, 1), y)
+    x = sample(G, (z_base[:, None] + a * direction).flatten(0, 1), y)
     return x, ink(x).view(len(z_base), len(alphas)).mean(0)
+
+
+def sample_grid(G_or_ema, cfg, z_fixed, y_fixed, step):
+    """samples_<step>.png of a grid step of the run: the run's fixed noise z_fixed (and classes y_fixed, a row per
+    class) through G, or the EMA of G's weights with --ema; the same z at every grid step, so the grids show the same
+    samples as training goes on."""
+    common.save_grid(sample(G_or_ema, z_fixed, y_fixed), Path(cfg.out) / f"samples_{step}.png", labels=y_fixed)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    run = common.Run(cfg, "gan")  # the device, the seeds, torchrun (common.py): nothing is written yet
+    x_train, y_train = common.load_split(cfg, "train", run.device)  # stays uint8; y_train: None unless --conditional
+    G, D = (m.to(run.device) for m in build_model(cfg.model, tuple(x_train.shape[1:])))  # bad sizes stop here
+    ema = common.make_ema(G)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    z_fixed = fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, run.device)  # the same z in every grid
+    y_fixed = common.class_labels(cfg, cfg.num_samples, run.device)  # the grids' classes (None: unconditional)
+    run.start(dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema),
+              lambda step: sample_grid(ema if cfg.ema else G, cfg, z_fixed, y_fixed, step))
+    # Under torchrun both networks are in DDP: their gradients are averaged over the ranks. BatchNorm stays per rank
+    # (each normalizes its own share of the batch; SyncBatchNorm would cost a collective per layer), and the EMA of G
+    # is updated on every rank from the same averaged weights, so it is the same everywhere. The G step judges with
+    # the plain D (train_iteration's D_module): with --compile, an uncompiled D there.
+    G_net, D_net = run.wrap(G), run.wrap(D)
+
+    def draw_real():  # a real pair (x, y): training images in [-1, 1] and their labels (None: unconditional)
+        x, y = run.batch(x_train, y_train)
+        return common.uint8_to_signed(x), y
+
+    # A noise pair (z, y): z ~ N(0, I) from torch's generator (--resume restores it) and, for a conditional model,
+    # the fakes' classes drawn uniformly, not copied from a real batch: G trains on the equal shares of classes that
+    # --sample asks of it (mnist, fashion-mnist and cifar10 are balanced, so this is near p_data(y) too), and a fresh
+    # (z, y) per step stays Algorithm 1's fresh z, independent of the data.
+    def draw_noise():
+        z = torch.randn(run.batch_size, cfg.model.z_dim, device=run.device)
+        return z, None if y_train is None else torch.randint(common.NUM_CLASSES, (run.batch_size,), device=run.device)
+
+    for step in run:
+        # the checkpoint on its cadence, before a forward pass moves BatchNorm's running statistics (no loss yet to
+        # check: the D and G steps check theirs before their updates)
+        run.check()
+        figures = train_iteration(G_net, D_net, opt_g, opt_d, draw_real, draw_noise, cfg, run.check, run.autocast,
+                                  D_module=D)
+        common.ema_update(ema, G, cfg.ema_decay, step)
+        run.log(figures)  # img/s counts the real images; a step also costs k D passes on fakes and 1 G pass
+    run.finish()
+
+
+# ----------------------------------------------------------------------------- the modes
+
+def load_networks(cfg, *keys):
+    """The test split (uint8, labels or None) and the networks stored under `keys` ("G", "D", "ema") in the run in
+    --out."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_split(cfg, "test", device)  # y_test: None unless --conditional
+    which = dict(G=0, ema=0, D=1)  # of build_model's (G, D): the EMA is a G with other weights
+    nets = {k: build_model(cfg.model, tuple(x_test.shape[1:]))[which[k]].to(device) for k in keys}
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "gan", **nets)
+    return x_test, y_test, nets
+
+
+def load_for_inference(cfg):
+    """(the generator that samples: G, or the EMA of its weights with --ema; the test images as uint8; their labels
+    or None) from the run in --out."""
+    key = "ema" if cfg.ema else "G"
+    x_test, y_test, nets = load_networks(cfg, key)
+    return nets[key].eval(), x_test, y_test
+
+
+def evaluate(cfg):
+    """The game's value and D's verdicts on the test set (a GAN has no likelihood to report)."""
+    x_test, y_test, nets = load_networks(cfg, "G", "D")  # y_test: a conditional model's labels, and fakes of them
+    rows = game_value(nets["G"], nets["D"], common.uint8_to_signed(x_test), cfg.batch_size, cfg.seed, y_test)
+    of = " with their labels y, as many samples of G(z, y)" if y_test is not None else " and as many samples of G"
+    return common.report(cfg.out, f"{len(x_test)} test images of {cfg.model.dataset}{of}", rows, n=len(x_test))
 
 
 def sample_from_checkpoint(cfg):
@@ -417,7 +427,7 @@ def sample_from_checkpoint(cfg):
     out, device = Path(cfg.out), next(G.parameters()).device
     labels = common.class_labels(cfg, cfg.num_samples, device)  # None (unconditional), or the classes to draw
     start = time.time()
-    samples = generate(G, fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device), labels).cpu()
+    samples = sample(G, fixed_noise(cfg.num_samples, cfg.model.z_dim, cfg.seed, device), labels).cpu()
     seconds = time.time() - start
     common.save_samples(cfg, samples)
     z = fixed_noise(1024, cfg.model.z_dim, cfg.seed + 1, device)

@@ -11,9 +11,14 @@ A convolutional network outputs all the conditionals at once if no output can se
 later one: masked convolutions (mask A in the first layer hides the centre pixel, mask B in later layers
 keeps it; see MaskedConv2d). Training is exact maximum likelihood, all conditionals in parallel; sampling
 is slow: one network pass per sub-pixel, H x W x C in all (the cached sampler, the default, computes each
-pass at the new position only, from caches of every layer's input). Each conditional is a Bernoulli for
-binarized images (1 channel) and a 256-way softmax for 8-bit colour. Stacked 3x3 masked layers miss a wedge
-up and to the right of each pixel (the blind spot; --receptive-field pictures it).
+pass at the new position only, from caches of every layer's input). The deck says PixelCNN, trained in
+parallel, is faster and "also performs better": faster to train, yes; better likelihood, no (the PixelRNN paper
+reports CIFAR-10 NLLs of PixelCNN 3.14 bits/dim, Row LSTM 3.07, Diagonal BiLSTM 3.00). Each conditional is a
+Bernoulli for binarized images (1 channel) and a 256-way softmax for 8-bit colour. Binarized here means
+common.binarize: a fresh Bernoulli(intensity / 255) draw for every training batch, one seeded draw of the test set;
+the papers' MNIST figures are on another, fixed binarization, so they are not directly comparable with ours.
+Stacked 3x3 masked layers miss a wedge up and to the right of each pixel (the blind spot; --receptive-field
+pictures it).
 
 The gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders")
 removes the blind spot with a vertical stack (every row above, full width) feeding a horizontal stack (the
@@ -21,7 +26,7 @@ row so far), uses gated units, and conditions on a label h through a learned bia
 
     y = tanh(W_{k,f} * x + V_{k,f}^T h) . sigmoid(W_{k,g} * x + V_{k,g}^T h)
 
-    python pixelcnn.py                      # the recipe for the device: quick on a CPU (9 min), full on a GPU
+    python pixelcnn.py                      # the recipe for the device: quick on a CPU (minutes), full on a GPU
     python pixelcnn.py --eval               # exact NLL on the whole test set -> eval.json
     python pixelcnn.py --sample             # samples.png, samples.pt (timed)
     python pixelcnn.py --complete           # completion.png: the bottom half of test images
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+
 
 @dataclasses.dataclass
 class ModelConfig(common.ModelConfig):
@@ -68,25 +74,29 @@ class Config(common.RunConfig):
 
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
-    "full": dict(about="the full model, 128 channels and 12 blocks for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, a gated PixelCNN (no blind spot), 32 channels and 6 layers for 4800 steps of 32 "
-                      "in bf16, then the exact test NLL: 9 min on 2 CPU cores with bf16 units (add --precision fp32 "
-                      "on others)",
-                options=dict(precision="bf16", arch="gated", channels=32, layers=6, steps=4800, batch_size=32, lr=3e-3,
-                             sample_every=100000, num_samples=16)),
+    "full": dict(about="the full model, 128 channels and 12 blocks for 20k steps of 128, sized for one GPU",
+                 options={}),
+    "quick": dict(about="the quick run, a gated PixelCNN (no blind spot) of 32 channels and 7 gated layers (the 7x7 "
+                        "mask-A one, then --layers 6 3x3 ones) for 4800 steps of 32 in bf16, then the exact test NLL: "
+                        "9 min on 2 CPU cores with bf16 units, measured; more elsewhere (add --precision fp32 on a "
+                        "CPU without them)",
+                  options=dict(precision="bf16", arch="gated", channels=32, layers=6, steps=4800, batch_size=32,
+                               lr=3e-3, sample_every=100000, num_samples=16)),
 }
 
 
 # ----------------------------------------------------------------------------- masked convolutions and pixel values
+# The same code, letter for letter, in pixelcnn.py and pixelrnn.py, so that each script stands alone;
+# tests/test_pixelrnn.py keeps the two copies equal in behaviour.
 
 class MaskedConv2d(nn.Conv2d):
     """A convolution that sees only pixels before the centre in raster order (van den Oord et al. 2016).
 
     Mask A (first layer) also hides the centre pixel itself; mask B (later layers) lets a feature see the
-    centre, which holds only information from earlier pixels after a mask-A layer. With colour
-    (`colors` = 3) the channels are split into R, G, B thirds and, at the centre, R sees nothing of the
-    pixel (A) or only R features (B), G sees R (A) or R, G (B), and B sees R, G (A) or R, G, B (B).
-    A 5x5 kernel, mask A / mask B (1 = used, 0 = masked):
+    centre, which holds only information from earlier pixels after a mask-A layer. With colour (`colors` = 3)
+    the channels are split into R, G, B thirds, and at the centre R sees nothing of the pixel (A) or only R
+    features (B), G sees R (A) or R, G (B), and B sees R, G (A) or R, G, B (B). Kernel sizes are rows x columns,
+    as everywhere in this project. A 5x5 kernel, mask A / mask B (1 = used, 0 = masked):
 
         1 1 1 1 1      1 1 1 1 1
         1 1 1 1 1      1 1 1 1 1
@@ -105,10 +115,12 @@ class MaskedConv2d(nn.Conv2d):
         mask = torch.ones_like(self.weight)  # out_ch x in_ch x kh x kw
         mask[:, :, kh // 2, kw // 2:] = 0  # the centre row, from the centre rightwards
         mask[:, :, kh // 2 + 1:] = 0  # every row below the centre
-        group_out = torch.arange(out_ch) * colors // out_ch  # colour of each output channel: 0=R, 1=G, 2=B
+        # the colour of each channel: of n channels, channel c is in third c * colors // n (0 = R, 1 = G, 2 = B)
+        group_out = torch.arange(out_ch) * colors // out_ch
         group_in = torch.arange(in_ch) * colors // in_ch
+        # at the centre, output colour o reads input colour i if i comes before o (A), or before or at o (B)
         sees = group_out[:, None] > group_in[None, :] if mask_type == "A" else group_out[:, None] >= group_in[None, :]
-        mask[:, :, kh // 2, kw // 2] = sees.float()  # the centre pixel: only earlier colours (A) or up to its own (B)
+        mask[:, :, kh // 2, kw // 2] = sees.float()
         self.register_buffer("mask", mask)
 
     def forward(self, x):
@@ -133,7 +145,7 @@ def pixel_nll(logits, x, binary):
     `x` holds the targets: 0/1 floats for binarized data, levels 0..255 for 8-bit data. The network
     sees x only through masked layers, so the sum over sub-pixels is exactly the chain rule."""
     if binary:
-        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.float(), reduction="none")
+        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.to(logits.dtype), reduction="none")
     else:
         nll = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # B x C x H x W
     return nll.flatten(1).sum(1)
@@ -147,12 +159,17 @@ def sample_pixel(logits, binary, rng):
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=rng).view(probs.shape[:-1]).float()
 
 
-# ----------------------------------------------------------------------------- the plain PixelCNN
-
 def scale_input(x, binary):
     """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that the zero padding means "no pixel", not black."""
     return x * 2 - 1 if binary else x / 127.5 - 1
 
+
+def levels_to_unit(x, binary):
+    """Pixel values (0/1, or levels 0..255) -> [0, 1], the range of pictures and samples.pt."""
+    return x.float() if binary else x.float() / 255
+
+
+# ----------------------------------------------------------------------------- the plain PixelCNN
 
 class ResidualBlock(nn.Module):
     """The PixelCNN residual block (van den Oord et al. 2016a, fig. 5): ReLU, 1x1 (2h -> h), ReLU, 3x3 (h -> h),
@@ -172,7 +189,8 @@ class ResidualBlock(nn.Module):
         """ReLU, 1x1 (2h -> h), the label, ReLU: the input of the 3x3 conv (what the cached sampler keeps)."""
         h = self.conv1(F.relu(x))
         if self.embed is not None:
-            h = h + self.embed(y)[:, :, None, None]  # a per-channel bias per class: the label is no pixel, any layer may see it
+            # a per-channel bias per class: the label is no pixel, so any layer may see it
+            h = h + self.embed(y)[:, :, None, None]
         return F.relu(h)
 
     def expand(self, x, h):
@@ -189,12 +207,12 @@ def output_head(ch, colors, levels):
 class PixelCNN(nn.Module):
     """7x7 mask-A conv, `layers` residual blocks of mask-B convs, 1x1 mask-B output layers."""
 
-    def __init__(self, colors, ch, layers, conditional):
+    def __init__(self, colors, binary, ch, layers, conditional):
         super().__init__()
-        self.colors, self.binary = colors, common.is_binary(colors)  # 1 channel binarized, 3 channels 8-bit
+        self.colors, self.binary = colors, binary
         self.stem = MaskedConv2d(colors, ch, 7, "A", colors)
         self.blocks = nn.ModuleList(ResidualBlock(ch, colors, conditional) for _ in range(layers))
-        self.head = output_head(ch, colors, pixel_levels(self.binary))
+        self.head = output_head(ch, colors, pixel_levels(binary))
 
     def forward(self, x, y=None):
         h = self.stem(scale_input(x, self.binary))
@@ -213,7 +231,12 @@ def gate(x, colors):
 
 
 def down_shift(x):
-    """Move features one row down (zeros enter at the top): row i then holds what row i-1 computed."""
+    """Move features one row down (zeros enter at the top): row i then holds what row i-1 computed.
+
+    The vertical stack reaches the horizontal one only through this shift because its row i has seen row i of the
+    image in full, pixel (i, j) and the pixels right of it included, which the conditional at (i, j) must not see.
+    Shifted, position (i, j) gets the vertical features of row i-1, which saw rows <= i-1 only, all of them before
+    (i, j); the horizontal stack adds row i left of j. Together: every earlier pixel, no blind spot, no leak."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
@@ -232,12 +255,16 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * ch, 2 * ch, 1)  # unmasked: after the shift it holds only rows above
         self.h_conv = MaskedConv2d(c_in, 2 * ch, (1, k), mask, colors)
         self.h_out = MaskedConv2d(ch, ch, 1, "B", colors)
-        self.embed = nn.Embedding(common.NUM_CLASSES, 4 * ch) if conditional else None  # V_f^T y, V_g^T y for both stacks
+        self.embed = nn.Embedding(common.NUM_CLASSES, 4 * ch) if conditional else None  # V_f^T y, V_g^T y, both stacks
 
     def forward(self, v, h, y):
         k = self.k
-        v_pre = self.v_conv(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # output row i sees input rows i-k//2 .. i
-        h_pre = self.h_conv(h) + self.v_to_h(down_shift(v_pre))
+        # The vertical kernel, (k//2 + 1) rows x k columns, is padded by hand: k//2 columns left and right keep the
+        # width, each output centred on its column as a k-wide conv is; k//2 rows on top and none below make output
+        # row i read input rows i-k//2 .. i, the rows above and its own row, never a row below (a "same" padding of
+        # k//2 top and bottom would let it see row i + 1).
+        v_pre = self.v_conv(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # F.pad's order: left, right, top, bottom
+        h_pre = self.h_conv(h) + self.v_to_h(down_shift(v_pre))  # v reaches h one row late: see down_shift
         return self.vertical(v_pre, y), self.horizontal(h, h_pre, y)
 
     def label_bias(self, y):
@@ -257,12 +284,12 @@ class GatedLayer(nn.Module):
 class GatedPixelCNN(nn.Module):
     """A 7x7 gated layer with mask A, `layers` 3x3 gated layers with mask B, 1x1 mask-B output layers."""
 
-    def __init__(self, colors, ch, layers, conditional):
+    def __init__(self, colors, binary, ch, layers, conditional):
         super().__init__()
-        self.colors, self.binary = colors, colors == 1
+        self.colors, self.binary = colors, binary
         self.layers = nn.ModuleList([GatedLayer(colors, ch, 7, "A", colors, conditional)] +
                                     [GatedLayer(ch, ch, 3, "B", colors, conditional) for _ in range(layers)])
-        self.head = output_head(ch, colors, pixel_levels(self.binary))
+        self.head = output_head(ch, colors, pixel_levels(binary))
 
     def forward(self, x, y=None):
         v = h = scale_input(x, self.binary)
@@ -274,6 +301,8 @@ class GatedPixelCNN(nn.Module):
 def build_model(mcfg, shape):
     """The network for images of `shape` (C x H x W; C = 1 binarized or 3 colour); any H and W."""
     colors, m = shape[0], 2 * shape[0]
+    # the project's rule: 1-channel images are binarized (a Bernoulli per pixel); colour keeps 256 levels (a softmax)
+    binary = colors == 1
     if mcfg.channels % m:
         why = "even (the residual blocks halve it)" if colors == 1 else \
             f"a multiple of {m} with colour images (halved in the blocks, then split into R, G, B groups)"
@@ -281,53 +310,43 @@ def build_model(mcfg, shape):
         raise common.UsageError(f"--channels {mcfg.channels} must be {why}; try --channels "
                                 + (f"{below} or {above}" if below else f"{above}"))
     net = PixelCNN if mcfg.arch == "plain" else GatedPixelCNN
-    return net(colors, mcfg.channels, mcfg.layers, mcfg.conditional)
-
-
-def prepare(x_uint8, data_rng=None, fixed=False):
-    """uint8 images -> model values: 1-channel images binarized (common.is_binary; afresh with data_rng for
-    training, once with a fixed seed for the test set, so test NLLs are comparable between runs), or the levels
-    0..255 as floats for 8-bit colour."""
-    if not common.is_binary(x_uint8.shape[1]):
-        return x_uint8.float()
-    return common.fixed_binarization(x_uint8) if fixed else common.binarize(x_uint8, data_rng)
-
-
-def levels_to_unit(v, binary):
-    """Model values (0/1, or levels 0..255) -> [0, 1], the range of pictures and samples.pt."""
-    return v if binary else v / 255
+    return net(colors, binary, mcfg.channels, mcfg.layers, mcfg.conditional)
 
 
 # ----------------------------------------------------------------------------- the loss: the exact NLL
 
 def logits(model, x, y=None):
-    """B x C x levels x H x W: the parameters of p(x_i | x_<i) for every sub-pixel i at once. The colours and the
-    binarization are read off the data (common.is_binary), so `model` may be wrapped (DDP, torch.compile)."""
-    colors = x.shape[1]
-    return pixel_logits(model(x, y).float(), colors, common.is_binary(colors))
+    """B x C x levels x H x W: the parameters of p(x_i | x_<i) for every sub-pixel i at once. The levels (1 or 256,
+    build_model's choice) are read off the output, so `model` may be wrapped (DDP, torch.compile)."""
+    out = model(x, y).float()
+    return pixel_logits(out, x.shape[1], binary=out.shape[1] == x.shape[1])  # one logit per sub-pixel: binarized
 
 
 def nll(model, x, y=None):
     """-log p(x) = -sum_i log p(x_i | x_1 .. x_{i-1}) in nats per image: exact, one network pass."""
-    return pixel_nll(logits(model, x, y), x, common.is_binary(x.shape[1]))
+    per_level = logits(model, x, y)
+    return pixel_nll(per_level, x, binary=per_level.shape[2] == 1)
 
 
 def loss_fn(model, x, y=None):
-    per_image = nll(model, x, y)
-    figures = dict(nll=per_image.mean().item())
-    if not common.is_binary(x.shape[1]):
-        figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["nll"], x[0].numel())
-    return per_image.mean(), figures
+    """Maximum likelihood: the batch's mean exact NLL (nats per image). The figures are detached tensors (read only
+    on the log cadence): nll, and for 8-bit colour bits_per_dim = nats / (C H W ln 2)."""
+    loss = nll(model, x, y).mean()
+    figures = dict(nll=loss.detach())
+    if x.shape[1] != 1:  # colour (1-channel images are binarized): also in bits per sub-pixel, as the papers report
+        figures["bits_per_dim"] = loss.detach() / (x[0].numel() * math.log(2))
+    return loss, figures
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- the samplers
 
 @torch.no_grad()
-def sample(model, x, y, rng, start_row=0, fast=True, progress=False):
+def sample_rows(model, x, y, rng, start_row=0, fast=True, progress=False):
     """Fill rows start_row.. of x (B x C x H x W pixel values) in raster order, sub-pixel by sub-pixel:
-    x_i ~ p(x_i | x_1 .. x_{i-1}). The naive sampler, the reference (fast=False), runs the network on the whole
-    image for every sub-pixel, H x W x C passes in all; fast=True is the cached sampler below: the same logits,
-    the same random numbers in the same order, so the same images."""
+    x_i ~ p(x_i | x_1 .. x_{i-1}); the rows above start_row are given (completion). The naive sampler, the
+    reference (fast=False), runs the network on the whole image for every sub-pixel, H x W x C passes in all;
+    fast=True is the cached sampler below: the same logits, the same random numbers in the same order, so the
+    same images."""
     if fast:
         return sample_cached(model, x, y, rng, start_row, progress)
     x = x.clone()
@@ -340,7 +359,22 @@ def sample(model, x, y, rng, start_row=0, fast=True, progress=False):
     return x
 
 
+@torch.no_grad()
+def sample(model, n, shape, y, rng, fast=True, progress=False):
+    """n fresh images of `shape` (C x H x W), as pixel values, for the labels y (None: unconditional): every row of
+    an empty canvas filled by sample_rows, with the random numbers of `rng`."""
+    canvas = torch.zeros(n, *shape, device=next(model.parameters()).device)
+    return sample_rows(model, canvas, y, rng, fast=fast, progress=progress)
+
+
 # ----------------------------------------------------------------------------- the cached sampler
+# Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models". Each layer keeps a cache of its
+# whole input map. Cache coordinates are image coordinates + PAD: pixel (r, c) is entry (r + PAD, c + PAD), and the
+# k-wide patch a kernel centred on (r, c) reads is entries r + PAD - k//2 .. r + PAD + k//2 (and so on for columns).
+# The padding is zeros because the whole-image pass pads with zeros (MaskedConv2d's padding, the vertical conv's
+# F.pad): a patch at the border then holds the very numbers the whole-image convolution sums there. Entries not yet
+# computed are zeros too, and no kernel uses them: the masks give every later position a zero weight, and the
+# vertical stack reads a row only once it is complete.
 
 PAD = 3  # every cache is zero padded by 3 (the 7x7 kernels' reach) on all sides: pixel (r, c) is at (r + 3, c + 3)
 
@@ -352,7 +386,7 @@ def zero_cache(image, channels):
 
 def conv_at(conv, cache, r, c):
     """A MaskedConv2d's output at (r, c) alone, B x out x 1 x 1: its masked kernel on the patch of its input cache
-    centred there, the sum the whole-image convolution computes there."""
+    (padded by PAD) centred there, the sum the whole-map convolution computes there."""
     kh, kw = conv.kernel_size
     patch = cache[:, :, r + PAD - kh // 2:r + PAD + kh // 2 + 1, c + PAD - kw // 2:c + PAD + kw // 2 + 1]
     return F.conv2d(patch, conv.weight * conv.mask, conv.bias)
@@ -370,7 +404,9 @@ class CachedPixelCNN:
         pass  # every layer is computed position by position
 
     def features_at(self, r, c):
-        """The last block's output at (r, c), B x ch x 1 x 1; each block's 3x3 input at (r, c) goes into its cache."""
+        """The last block's output at (r, c), B x ch x 1 x 1. In layer order: the stem's 7x7 patch of the image at
+        (r, c); then per block its 3x3 conv's input at (r, c), written into that block's cache first (mask B reads
+        the centre), then the 3x3 patch around (r, c) of the cache and the block's output."""
         h = conv_at(self.model.stem, self.image, r, c)
         for block, cache in zip(self.model.blocks, self.maps):
             cache[:, :, r + PAD, c + PAD] = block.reduce(h, self.y)[:, :, 0, 0]  # this and later 3x3 patches read it
@@ -391,7 +427,11 @@ class CachedGatedPixelCNN:
         self.h = [image] + [zero_cache(image, n) for n in ch]  # h[l]: layer l's horizontal input (the last one unread)
 
     def new_row(self, r):
-        """self.above[l]: 1x1(down_shift(V * v)) of layer l in row r, from V * v in row r - 1 (zeros above row 0)."""
+        """Called once before row r's positions, when row r - 1 is complete. For each layer l in order (layer l + 1
+        reads what layer l writes): V * v at row r - 1, from rows r-1-k//2 .. r-1 of v[l]'s cache and columns
+        -k//2 .. W-1+k//2 (the padded width the whole-image pass sees); its gated output into row r - 1 of v[l + 1];
+        and self.above[l] = 1x1(down_shift(V * v)) at row r, which every position of row r adds to its horizontal
+        input. Row 0 gets the zero row down_shift brings in."""
         self.above = []
         for layer, v, v_next in zip(self.model.layers, self.v, self.v[1:]):
             k, w = layer.k, v.shape[3] - 2 * PAD
@@ -404,7 +444,9 @@ class CachedGatedPixelCNN:
             self.above.append(layer.v_to_h(v_pre))
 
     def features_at(self, r, c):
-        """The last layer's h at (r, c), B x ch x 1 x 1; each layer's h at (r, c) goes into the next one's cache."""
+        """The last layer's h at (r, c), B x ch x 1 x 1. For each layer l in order: H * h on the 1 x k patch of
+        h[l]'s cache around (r, c) (its mask keeps columns < c and the colours drawn before), plus above[l] at
+        column c, gated; the result goes into h[l + 1] at (r, c), where layer l + 1's patch reads it next."""
         h = None  # the input of layer 0's residual, which it has not (mask A)
         for layer, cache, h_next, above in zip(self.model.layers, self.h, self.h[1:], self.above):
             h = layer.horizontal(h, conv_at(layer.h_conv, cache, r, c) + above[:, :, :, c:c + 1], self.y)
@@ -413,11 +455,11 @@ class CachedGatedPixelCNN:
 
 
 def sample_cached(model, x, y, rng, start_row, progress):
-    """The naive sampler's loop over caches (Ramachandran et al. 2017, "Fast Generation for Convolutional
-    Autoregressive Models"). An output at (r, c) needs each layer's input only at positions up to (r, c) in
-    raster order, all computed by then: so every layer keeps a cache of its input map (zero padded, as the
-    whole-image pass pads), and each new sub-pixel computes every layer at (r, c) alone, from a patch of that
-    cache, writing the result into the next layer's cache. A pixel costs one position's work, not H x W's."""
+    """The naive sampler's loop over caches. An output at (r, c) needs each layer's input only at positions up to
+    (r, c) in raster order, all computed by then: so each new sub-pixel computes every layer at (r, c) alone, from
+    patches of the caches, writing each result into the next layer's cache. A pixel costs one position's work, not
+    H x W's. The order: new_row(r) once per row, then per position and per colour features_at(r, c) (again for each
+    colour: G's logits see the R just drawn), the 1x1 head, a draw, and the drawn value into the image cache."""
     x = x.clone()
     b, c, h, w = x.shape
     image = F.pad(scale_input(x, model.binary), (PAD,) * 4)  # the network's input, kept equal to that of x
@@ -437,151 +479,28 @@ def sample_cached(model, x, y, rng, start_row, progress):
     return x
 
 
-def sample_images(cfg, model, n, shape, start=0, progress=False):
-    """n new images (model values) from empty canvases, of the classes common.class_labels gives images start ..
-    start+n-1, with a generator seeded by --seed: every grid of a run uses the same random numbers, and the training
-    run's own never move."""
-    device = next(model.parameters()).device
-    rng = torch.Generator(device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own numbers
-    canvas = torch.zeros(n, *shape, device=device)
-    return sample(model, canvas, common.class_labels(cfg, n, device, start), rng, fast=cfg.fast, progress=progress)
-
-
-# ----------------------------------------------------------------------------- evaluation: the exact test NLL
+# ----------------------------------------------------------------------------- the family's measure: the exact NLL
 
 @torch.no_grad()
-def mean_nll(model, x, y=None, batch=500):
-    """Mean exact NLL (nats/image) over all of x (model values); under torchrun each rank scores its share."""
-    total, part = 0.0, common.shard(len(x))
-    for i in tqdm(range(part.start, part.stop, batch), desc="exact NLL", unit="batch", leave=False):
-        j = min(i + batch, part.stop)
-        total += nll(model, x[i:j], None if y is None else y[i:j]).sum().item()
-    return common.sum_over_ranks(total) / len(x)
+def mean_nll(model, x, y=None, batch=500, progress=False):
+    """The mean exact NLL (nats per image) of all of x (pixel values), `batch` images per network pass so that
+    memory stays bounded for any number of them; 0 for no images."""
+    total = 0.0
+    for i in tqdm(range(0, len(x), batch), desc="exact NLL", unit="batch", leave=False, disable=not progress):
+        total += nll(model, x[i:i + batch], None if y is None else y[i:i + batch]).sum().item()
+    return total / max(len(x), 1)
 
 
-def report_test_nll(cfg, model, x_test, y_test):
-    """The first --eval-n test images (all by default): exact NLL, printed and written to eval.json."""
-    n = min(cfg.eval_n or len(x_test), len(x_test))
-    model.eval()
-    start = time.time()
-    value = mean_nll(model, prepare(x_test[:n], fixed=True), None if y_test is None else y_test[:n])
-    seconds = time.time() - start
-    rows = {"exact NLL (nats/image)": value}
-    if not model.binary:
-        rows["bits/dim"] = common.nats_to_bits_per_dim(value, x_test[0].numel())
-    kind = "binarized with a fixed seed" if model.binary else "8-bit"
-    return common.report(cfg.out, f"pixelcnn: {n} {cfg.model.dataset} test images ({kind}), {n / seconds:,.0f} img/s",
-                         rows, images=n)
+# ----------------------------------------------------------------------------- pictures
 
-
-def load_for_inference(cfg):
-    """The trained network in --out, on its device, in eval mode, and the test split (x uint8, y or None)."""
-    device = common.get_device(cfg.device)
-    x_test, y_test = common.load_split(cfg, "test", device)
-    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
-    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelcnn", model=model)
-    return model.eval(), x_test, y_test
-
-
-def evaluate(cfg):
-    model, x_test, y_test = load_for_inference(cfg)
-    return report_test_nll(cfg, model, x_test, y_test)
-
-
-# ----------------------------------------------------------------------------- training
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    x_train, y_train = common.load_split(cfg, "train", device)
-    x_test, y_test = common.load_split(cfg, "test", device)  # for the end-of-run NLL; missing test data stops us here
-    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
-    n_grid = min(cfg.num_samples, 64)
-    common.class_labels(cfg, n_grid, device)  # so does a --label an unconditional model cannot take
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_rng = common.data_generator(device, cfg.seed)
-    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
-    out = common.start_run(cfg)
-    step = common.load_checkpoint(out / "ckpt.pt", "pixelcnn", data_rng, model=model, opt=opt) if cfg.resume else 0
-    common.check_resume(cfg, step)
-    common.say(f"pixelcnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {device}")
-    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
-    start, log = step, common.Logger(out, cfg.steps, step)
-    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelcnn", cfg, step, rng, model=model, opt=opt)
-
-    def sample_grid():
-        x = sample_images(cfg, model.eval(), n_grid, x_train.shape[1:], progress=True)
-        common.save_grid(levels_to_unit(x, model.binary), out / f"samples_{step}.png", labels=common.class_labels(cfg, n_grid, "cpu"))
-
-    with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.stopping():
-            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
-            x, y = batch if y_train is not None else (batch, None)
-            x = prepare(x, data_rng)
-            with common.autocast(device, cfg.precision):
-                loss, figures = loss_fn(forward_model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            common.check_finite(step, loss=loss, grad_norm=grad_norm)  # before the update: a diverged step is never applied
-            if step > start and step % cfg.ckpt_every == 0:
-                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
-            opt.step()
-            step += 1
-            log.count(cfg.batch_size)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, **figures, grad_norm=grad_norm)
-            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
-                common.run_safely("the sample grid", sample_grid)
-                common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
-                model.train()
-    save(common.rng_state(data_rng))  # the end of the run, or Ctrl-C after the step under way
-    ctrl_c.exit_if_requested(step)
-    common.run_safely("the test NLL", lambda: report_test_nll(cfg, model, x_test, y_test))  # the family's measure
-    common.say(f"done: {out}")
-
-
-# ----------------------------------------------------------------------------- the other modes
-
-def sample_from_checkpoint(cfg):
-    model, x_test, _ = load_for_inference(cfg)
-    start, part = time.time(), common.shard(cfg.num_samples)  # under torchrun each rank draws its share
-    x = sample_images(cfg, model, len(part), x_test.shape[1:], part.start, progress=True)
-    x = common.gather_cat(levels_to_unit(x, model.binary).cpu())
-    seconds = time.time() - start
-    common.save_samples(cfg, x)
-    common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} sub-pixels in turn, {'cached' if cfg.fast else 'naive'} "
-          f"sampler) -> {cfg.out}/samples.png, samples.pt")
-
-
-def complete(cfg, n=8, k=4):
-    """Rows: the top half of a test image (bottom hidden), k completions sampled from p(bottom | top), the original.
-    A --conditional model completes with each image's own label, or with --label."""
-    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
-        return
-    model, x_test, y_test = load_for_inference(cfg)
-    device = x_test.device
-    x = prepare(x_test[:n], fixed=True)
-    n = len(x)
-    y = common.class_labels(cfg, n * k, device)  # None for an unconditional model, which refuses --label
-    if y is not None and cfg.label < 0:
-        y = y_test[:n].repeat_interleave(k)  # each test image's own class
-    half = x.shape[2] // 2
-    given = x.clone()
-    given[:, :, half:] = 0
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    start = time.time()
-    filled = sample(model, given.repeat_interleave(k, 0), y, rng, start_row=half, fast=cfg.fast, progress=True)
-    seconds = time.time() - start
-    shown = given.clone()
-    shown[:, :, half:] = 0.5 * (1 if model.binary else 255)  # grey: the hidden half
-    rows = torch.cat([shown[:, None], filled.view(n, k, *x.shape[1:]), x[:, None]], 1).flatten(0, 1)
-    common.save_grid(levels_to_unit(rows, model.binary), Path(cfg.out) / "completion.png", nrow=k + 2)
-    print(f"{n * k} completions of {n} test images in {seconds:.1f}s -> {cfg.out}/completion.png")
+def sample_grid(model, cfg, shape, step):
+    """samples_<step>.png in --out: min(--num-samples, 64) fresh images (a row per class for a --conditional
+    model), from a generator of their own seeded by --seed: every grid of a run draws the same random numbers, and
+    the training run's own never move."""
+    n, device = min(cfg.num_samples, 64), next(model.parameters()).device
+    y = common.class_labels(cfg, n, device)
+    x = sample(model.eval(), n, shape, y, torch.Generator(device).manual_seed(cfg.seed), cfg.fast, progress=True)
+    common.save_grid(levels_to_unit(x, model.binary), Path(cfg.out) / f"samples_{step}.png", labels=y)
 
 
 def receptive_field(model, shape, pixel, channel=0):
@@ -593,6 +512,106 @@ def receptive_field(model, shape, pixel, channel=0):
     return x.grad[0].abs()
 
 
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    run = common.Run(cfg, "pixelcnn")  # the device, the seeds, torchrun (common.py): nothing is written yet
+    x_train, y_train = common.load_split(cfg, "train", run.device)  # y_train: None unless --conditional
+    x_test, y_test = common.load_split(cfg, "test", run.device)  # for the end-of-run NLL: missing test data stops here
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(run.device)  # bad sizes stop here too
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    run.start(dict(model=model, opt=opt), lambda step: sample_grid(model, cfg, x_train.shape[1:], step))
+    net = run.wrap(model)  # the model as the step calls it: DDP under torchrun, compiled with --compile
+    for step in run:
+        x, y = run.batch(x_train, y_train)  # y: the labels of a --conditional model, else None
+        # 1-channel images: a fresh binarization of every batch (the run's generator); colour: the levels 0..255
+        x = common.binarize(x, run.rng) if model.binary else x.float()
+        for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * run.progress))
+        with run.autocast():
+            loss, figures = loss_fn(net, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.check(loss=loss, grad_norm=figures["grad_norm"])  # a NaN stops the run here, before the update
+        opt.step()
+        run.log(figures)
+    run.finish(final=lambda: report_test_nll(cfg, model, x_test, y_test))  # the exact test NLL, split over the ranks
+
+
+# ----------------------------------------------------------------------------- the modes
+
+def load_for_inference(cfg):
+    """The trained network in --out, on its device, in eval mode, and the test split (x uint8, y or None)."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_split(cfg, "test", device)
+    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device)
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "pixelcnn", model=model)
+    return model.eval(), x_test, y_test
+
+
+def report_test_nll(cfg, model, x_test, y_test):
+    """The exact NLL of the first --eval-n test images (all by default), printed and written to eval.json; under
+    torchrun each rank scores its share. 1-channel images in the test set's one fixed binarization."""
+    n = min(cfg.eval_n or len(x_test), len(x_test))
+    x = common.binarize(x_test[:n]) if model.binary else x_test[:n].float()  # no generator: the fixed binarization
+    part, start = common.shard(n), time.time()  # this rank's share
+    mine = mean_nll(model.eval(), x[part.start:part.stop], None if y_test is None else y_test[part.start:part.stop],
+                    progress=common.is_main())
+    value = common.reduce_over_ranks(mine * len(part)) / n  # the ranks' sums, over all n images
+    seconds = time.time() - start
+    rows = {"exact NLL (nats/image)": value}
+    if not model.binary:
+        rows["bits/dim"] = value / (x_test[0].numel() * math.log(2))  # nats per image -> bits per sub-pixel
+    kind = "binarized with a fixed seed" if model.binary else "8-bit"
+    return common.report(cfg.out, f"pixelcnn: {n} {cfg.model.dataset} test images ({kind}), {n / seconds:,.0f} img/s",
+                         rows, images=n)
+
+
+def evaluate(cfg):
+    model, x_test, y_test = load_for_inference(cfg)
+    return report_test_nll(cfg, model, x_test, y_test)
+
+
+def sample_from_checkpoint(cfg):
+    model, x_test, _ = load_for_inference(cfg)
+    start, part = time.time(), common.shard(cfg.num_samples)  # under torchrun each rank draws its share
+    rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own numbers
+    y = common.class_labels(cfg, len(part), x_test.device, part.start)  # image i: class i mod 10, or --label
+    x = sample(model, len(part), x_test.shape[1:], y, rng, cfg.fast, progress=True)
+    x = common.gather_cat(levels_to_unit(x, model.binary).cpu())
+    seconds = time.time() - start
+    common.save_samples(cfg, x)
+    common.say(f"{len(x)} samples in {seconds:.1f}s ({x[0].numel()} sub-pixels in turn, "
+               f"{'cached' if cfg.fast else 'naive'} sampler) -> {cfg.out}/samples.png, samples.pt")
+
+
+def complete(cfg, n=8, k=4):
+    """Rows: the top half of a test image (bottom hidden), k completions sampled from p(bottom | top), the original.
+    A --conditional model completes with each image's own label, or with --label."""
+    if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
+        return
+    model, x_test, y_test = load_for_inference(cfg)
+    device = x_test.device
+    x = common.binarize(x_test[:n]) if model.binary else x_test[:n].float()  # the test set's fixed binarization
+    n = len(x)
+    y = common.class_labels(cfg, n * k, device)  # None for an unconditional model
+    if y is not None and cfg.label < 0:
+        y = y_test[:n].repeat_interleave(k)  # each test image's own class
+    half = x.shape[2] // 2
+    given = x.clone()
+    given[:, :, half:] = 0
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    start = time.time()
+    filled = sample_rows(model, given.repeat_interleave(k, 0), y, rng, start_row=half, fast=cfg.fast, progress=True)
+    seconds = time.time() - start
+    shown = given.clone()
+    shown[:, :, half:] = 0.5 * (1 if model.binary else 255)  # grey: the hidden half
+    rows = torch.cat([shown[:, None], filled.view(n, k, *x.shape[1:]), x[:, None]], 1).flatten(0, 1)
+    common.save_grid(levels_to_unit(rows, model.binary), Path(cfg.out) / "completion.png", nrow=k + 2)
+    print(f"{n * k} completions of {n} test images in {seconds:.1f}s -> {cfg.out}/completion.png")
+
+
 def receptive_field_picture(cfg, size=28, zoom=6):
     """Untrained plain and gated nets of the model flags (--channels, --layers), side by side, for a 1-channel
     size x size image: the picture is about structure, so it needs no data and no checkpoint.
@@ -600,7 +619,7 @@ def receptive_field_picture(cfg, size=28, zoom=6):
     blue: earlier pixels the output cannot see (the blind spot, with enough layers)."""
     if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
         return
-    common.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the untrained weights and the random input
     shape = (1, size, size)
     models = {arch: build_model(dataclasses.replace(cfg.model, arch=arch), shape) for arch in ("plain", "gated")}
     pixel, panels = (size // 2, size // 2), []
@@ -625,14 +644,14 @@ def main(argv=None):
     cfg = common.parse_args(ModelConfig, Config, "pixelcnn", argv, PRESETS)
     if cfg.plot:
         common.plot_curves(cfg.out)
-    elif cfg.receptive_field:
-        receptive_field_picture(cfg)
     elif cfg.sample:
         sample_from_checkpoint(cfg)
-    elif cfg.complete:
-        complete(cfg)
     elif cfg.eval:
         return evaluate(cfg)
+    elif cfg.complete:
+        complete(cfg)
+    elif cfg.receptive_field:
+        receptive_field_picture(cfg)
     else:
         train(cfg)
 

@@ -11,6 +11,10 @@ forward pass scores a whole image; sampling has to go pixel by pixel.
     [o_i, f_i, i_i, g_i] = sigma(K^ss (*) h_{i-1} + K^is (*) x_i)       (sigma = sigmoid for o, f, i; tanh for g)
     c_i = f_i . c_{i-1} + i_i . g_i,      h_i = o_i . tanh(c_i)                       (paper eq. 3)
 
+1-channel images are binarized as common.binarize does (a fresh Bernoulli draw per training batch, one seeded draw
+of the test set), 3-channel ones keep 256 levels; the paper's MNIST figure (79.20 nats, Diagonal BiLSTM) is on
+another, fixed binarization, so it is not the same test set as ours.
+
 With --conditional the model learns p(x | y) for a class y, as the conditional gated PixelCNN does (van den Oord
 et al. 2016, "Conditional Image Generation with PixelCNN Decoders", eq. 4): every LSTM layer adds a learned bias of
 the class (y one-hot) to its input-to-state gates. The class is no pixel, so every position may see it.
@@ -18,7 +22,7 @@ the class (y one-hot) to its input-to-state gates. The class is no pixel, so eve
     [o_i, f_i, i_i, g_i] = sigma(K^ss (*) h_{i-1} + K^is (*) x_i + V^T y)
 
 Run:
-    python pixelrnn.py                      # the recipe for the device: quick on a CPU (12-13 min), full on a GPU
+    python pixelrnn.py                      # quick on a CPU (11 min of training, then samples, test NLL), full on a GPU
     python pixelrnn.py --arch row --out runs/pixelrnn-row   # Row LSTM
     python pixelrnn.py --eval               # exact NLL on the whole test set (nats/image, bits/dim)
     python pixelrnn.py --sample             # samples.png, samples.pt
@@ -42,9 +46,11 @@ import common
 
 @dataclasses.dataclass
 class ModelConfig(common.ModelConfig):
-    arch: str = common.opt("diag", "recurrent layer: diag (Diagonal BiLSTM) or row (Row LSTM)", choices=["diag", "row"])
+    arch: str = common.opt("diag", "recurrent layer: diag (Diagonal BiLSTM) or row (Row LSTM)",
+                           choices=["diag", "row"])
     layers: int = common.opt(7, "recurrent layers (each a residual block)", "[1, inf)")
-    hidden: int = common.opt(48, "h, LSTM state size; the residual stream has 2h features (a multiple of 3 for colour)", "[1, inf)")
+    hidden: int = common.opt(48, "h, LSTM state size; the residual stream has 2h features (a multiple of 3 for "
+                             "colour)", "[1, inf)")
     head: int = common.opt(96, "width of the 1x1 mask-B output convolutions (a multiple of 3 for colour)", "[1, inf)")
 
 
@@ -55,7 +61,8 @@ class Config(common.RunConfig):
     lr: float = common.opt(1e-3, "peak learning rate (Adam), decayed to 0 on a cosine", "(0, inf)")
     grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
     sample_every: int = common.opt(2000, "steps between sample grids (each costs H*W*C network passes)", "[1, inf)")
-    max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says (0 = no limit)", "[0, inf)")
+    max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says, the "
+                                    "learning rate's cosine then following the clock (0 = no limit)", "[0, inf)")
     eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", "[0, inf)")
     label: int = common.opt(-1, "the class a --conditional model draws (--sample, the grids of a run, --complete); -1: "
                             "every class, one row each (--complete: each test image's own)", "[-1, 9]")
@@ -67,20 +74,36 @@ class Config(common.RunConfig):
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, 7 Diagonal BiLSTM layers with h = 48 for 40k steps of 64, sized for one GPU",
-                options={}),
-    "quick": dict(about="the quick run, 2 Diagonal BiLSTM layers with h = 16 for 11 minutes, then 16 samples and the "
-                      "exact test NLL: 12-13 min on 2 CPU cores",
-                options=dict(layers=2, hidden=16, head=32, batch_size=32, lr=2e-3, steps=100000, max_minutes=11.0,
-                             log_every=50, ckpt_every=500, sample_every=1000000, num_samples=16)),
+                 options={}),
+    "quick": dict(about="the quick run, 2 Diagonal BiLSTM layers with h = 16: 11 minutes of training (--max-minutes "
+                        "11), then 16 samples and the exact NLL of the test set",
+                  options=dict(layers=2, hidden=16, head=32, batch_size=32, lr=2e-3, steps=100000, max_minutes=11.0,
+                               log_every=50, ckpt_every=500, sample_every=1000000, num_samples=16)),
 }
 
 
-# ----------------------------------------------------------------------------- masked convolutions and pixel likelihoods
+# ----------------------------------------------------------------------------- masked convolutions and pixel values
+# The same code, letter for letter, in pixelcnn.py and pixelrnn.py, so that each script stands alone;
+# tests/test_pixelrnn.py keeps the two copies equal in behaviour.
 
 class MaskedConv2d(nn.Conv2d):
-    """A convolution that sees only pixels before the centre in raster order: mask A also hides the centre pixel,
-    mask B keeps it; with colour, at the centre, R sees nothing (A) or R (B), G sees R (A) or R, G (B), B sees
-    R, G (A) or R, G, B (B). The same code as pixelcnn.py's (which draws the masks); a test keeps them identical."""
+    """A convolution that sees only pixels before the centre in raster order (van den Oord et al. 2016).
+
+    Mask A (first layer) also hides the centre pixel itself; mask B (later layers) lets a feature see the
+    centre, which holds only information from earlier pixels after a mask-A layer. With colour (`colors` = 3)
+    the channels are split into R, G, B thirds, and at the centre R sees nothing of the pixel (A) or only R
+    features (B), G sees R (A) or R, G (B), and B sees R, G (A) or R, G, B (B). Kernel sizes are rows x columns,
+    as everywhere in this project. A 5x5 kernel, mask A / mask B (1 = used, 0 = masked):
+
+        1 1 1 1 1      1 1 1 1 1
+        1 1 1 1 1      1 1 1 1 1
+        1 1 0 0 0      1 1 1 0 0
+        0 0 0 0 0      0 0 0 0 0
+        0 0 0 0 0      0 0 0 0 0
+
+    The mask is a buffer multiplied into the weight on every forward pass, so the optimizer can never
+    move a masked weight away from zero in effect.
+    """
 
     def __init__(self, in_ch, out_ch, kernel_size, mask_type, colors=1, **kwargs):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
@@ -89,10 +112,12 @@ class MaskedConv2d(nn.Conv2d):
         mask = torch.ones_like(self.weight)  # out_ch x in_ch x kh x kw
         mask[:, :, kh // 2, kw // 2:] = 0  # the centre row, from the centre rightwards
         mask[:, :, kh // 2 + 1:] = 0  # every row below the centre
-        group_out = torch.arange(out_ch) * colors // out_ch  # colour of each output channel: 0=R, 1=G, 2=B
+        # the colour of each channel: of n channels, channel c is in third c * colors // n (0 = R, 1 = G, 2 = B)
+        group_out = torch.arange(out_ch) * colors // out_ch
         group_in = torch.arange(in_ch) * colors // in_ch
+        # at the centre, output colour o reads input colour i if i comes before o (A), or before or at o (B)
         sees = group_out[:, None] > group_in[None, :] if mask_type == "A" else group_out[:, None] >= group_in[None, :]
-        mask[:, :, kh // 2, kw // 2] = sees.float()  # the centre pixel: only earlier colours (A) or up to its own (B)
+        mask[:, :, kh // 2, kw // 2] = sees.float()
         self.register_buffer("mask", mask)
 
     def forward(self, x):
@@ -117,7 +142,7 @@ def pixel_nll(logits, x, binary):
     `x` holds the targets: 0/1 floats for binarized data, levels 0..255 for 8-bit data. The network
     sees x only through masked layers, so the sum over sub-pixels is exactly the chain rule."""
     if binary:
-        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.float(), reduction="none")
+        nll = F.binary_cross_entropy_with_logits(logits[:, :, 0], x.to(logits.dtype), reduction="none")
     else:
         nll = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # B x C x H x W
     return nll.flatten(1).sum(1)
@@ -131,7 +156,17 @@ def sample_pixel(logits, binary, rng):
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=rng).view(probs.shape[:-1]).float()
 
 
-# ----------------------------------------------------------------------------- the recurrence, one batched step per row or column
+def scale_input(x, binary):
+    """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that the zero padding means "no pixel", not black."""
+    return x * 2 - 1 if binary else x / 127.5 - 1
+
+
+def levels_to_unit(x, binary):
+    """Pixel values (0/1, or levels 0..255) -> [0, 1], the range of pictures and samples.pt."""
+    return x.float() if binary else x.float() / 255
+
+
+# ----------------------------------------------------------------------------- the recurrence of eq. (3)
 
 def lstm_scan(x_gates, w_ss, b_ss, before, after):
     """Run the LSTM of eq. (3) along the first axis of x_gates (T x 4 x N x L x h: T rows or diagonals, the
@@ -146,7 +181,7 @@ def lstm_scan(x_gates, w_ss, b_ss, before, after):
         x_gates = x_gates.float()  # the cell state adds up over up to 2W-1 steps: keep it in fp32 under autocast
     h = c = x_gates.new_zeros(N, L, h_dim)
     hs = []
-    for x_t in x_gates.unbind(0):  # unbind, not x_gates[t]: indexing's backward would write a full-size zero tensor per step
+    for x_t in x_gates.unbind(0):  # not x_gates[t]: indexing's backward would write a full-size zero tensor per step
         padded = F.pad(h, (0, 0, before, after))  # pad along L
         neighbours = torch.cat([padded[:, k:k + L] for k in range(before + after + 1)], dim=2)  # N x L x k*h
         h, c = lstm_cell(x_t, neighbours, w_ss, b_ss, c)
@@ -186,15 +221,22 @@ def scan_layout(gates, colors, steps_axis):
     has the colour of the state channel it feeds. B x 4h x H x W -> steps x 4 x B x positions x h, the
     steps being rows (steps_axis=2) or columns (3), and h colour-major like the state itself."""
     b, c4, H, W = gates.shape
+    # the view's axes: 0 image, 1 colour (R, G, B), 2 gate (o f i g), 3 feature within the colour (h / colors of
+    # them), 4 row, 5 column. The permutation puts the steps first (4, rows; or 5, columns), then the gate (2), the
+    # image (0), the positions along a step (5 or 4), and last colour then feature (1, 3), side by side, so that
+    # the reshape merges them into h features, colour-major: feature j of colour k is state channel k h/colors + j
     g = gates.view(b, colors, 4, c4 // (4 * colors), H, W)
     g = g.permute(4, 2, 0, 5, 1, 3) if steps_axis == 2 else g.permute(5, 2, 0, 4, 1, 3)
     return g.reshape(g.shape[0], 4, b, g.shape[3], c4 // 4)
 
 
 class RowLSTM(nn.Module):
-    """Section 3.1: rows from the top, one LSTM update per row for all its pixels at once. K^is is a k x 1
-    mask-B convolution along the row (the pixel to the left and the pixel itself, computed for the whole
-    map); K^ss a k x 1 convolution over the row above's states, so h at (r, c) sees a triangle above it."""
+    """Section 3.1: rows from the top, one LSTM update per row for all its pixels at once. K^is is a 1 x k
+    (rows x columns, as everywhere in this project; the paper's "k x 1" counts along the row) mask-B convolution
+    along the row (the pixel to the left and the pixel itself, computed for the whole map); K^ss a 1 x k
+    convolution over the row above's states, so h at (r, c) sees a triangle above it.
+    The deck calls this a generation order ("pixels generated left to right"): it is the order the states are
+    computed in, a row at a time; pixels are generated in raster order with either layer (sample_rows)."""
 
     def __init__(self, ch_in, h, colors, conditional=False, k=3):
         super().__init__()
@@ -212,14 +254,18 @@ class RowLSTM(nn.Module):
 
 def skew(x):
     """B x C x H x W -> B x C x H x (W+H-1), row r shifted right by r, so every diagonal of the image is a
-    column. Done by padding each row to W+H and re-reading the flat buffer in rows one shorter."""
+    column. Done by padding each row to W+H and re-reading the flat buffer in rows one shorter: row r of the
+    new view starts at r (W+H-1) = r (W+H) - r, r entries before image row r begins in the buffer. Those r
+    entries are the last of the H zeros that end row r-1 (r < H), so row r comes out shifted right by r, zeros
+    before it and H-1-r zeros after it."""
     b, c, H, W = x.shape
     flat = F.pad(x, (0, H)).flatten(2)  # B x C x H*(W+H)
     return flat[:, :, :H * (W + H - 1)].view(b, c, H, W + H - 1)
 
 
 def unskew(x, W):
-    """The inverse of skew: B x C x H x (W+H-1) -> B x C x H x W."""
+    """The inverse of skew: B x C x H x (W+H-1) -> B x C x H x W. Re-read in rows one longer, row r starts r
+    entries later in the buffer: at pixel 0 of skewed row r, which skew put r columns in."""
     b, c, H, L = x.shape
     flat = F.pad(x.flatten(2), (0, H))  # H*L + H = H*(L+1): re-read in rows one longer
     return flat.view(b, c, H, L + 1)[:, :, :, :W]
@@ -227,8 +273,9 @@ def unskew(x, W):
 
 class DiagonalLSTM(nn.Module):
     """One direction of section 3.2: on the skewed map, K^is is a 1x1 mask-B convolution and K^ss a 2x1
-    convolution over the previous column (rows r-1 and r), i.e. over the pixels above and to the left of
-    (r, c) in the image; one LSTM update per column (diagonal). h at (r, c) sees every (r' <= r, c' <= c)."""
+    convolution (rows x columns, as the paper counts it too: 2 rows, 1 column) over the previous column, rows
+    r-1 and r, i.e. over the pixels above and to the left of (r, c) in the image; one LSTM update per column
+    (diagonal). h at (r, c) sees every (r' <= r, c' <= c)."""
 
     def __init__(self, ch_in, h, colors, conditional=False):
         super().__init__()
@@ -249,7 +296,9 @@ class DiagonalLSTM(nn.Module):
 class DiagonalBiLSTM(nn.Module):
     """Both directions: the second runs on the left-right mirrored map (so it sees up and to the right),
     and its output is shifted down one row before the two are added; without the shift it would see the
-    pixels to the right in the same row, which are still in the future."""
+    pixels to the right in the same row, which are still in the future.
+    The deck calls this a generation order ("diagonally from the top left"): it is the order the states are
+    computed in, a diagonal at a time; pixels are generated in raster order with either layer (sample_rows)."""
 
     def __init__(self, ch_in, h, colors, conditional=False):
         super().__init__()
@@ -274,8 +323,9 @@ class ResidualBlock(nn.Module):
 
 class PixelRNN(nn.Module):
     """7x7 mask-A convolution, residual LSTM layers, ReLU + 1x1 mask-B convolutions to the per-pixel logits
-    (B x C x levels x H x W: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit). A conditional
-    network takes the images' classes y too (a B-vector), which every LSTM layer adds to its gates."""
+    (B x C x levels x H x W: 1 Bernoulli logit for binarized data, 256 softmax logits for 8-bit). Its input is the
+    image in [-1, 1] (scale_input). A conditional network takes the images' classes y too (a B-vector), which
+    every LSTM layer adds to its gates."""
 
     def __init__(self, arch, colors, binary, hidden, layers, head, conditional=False):
         super().__init__()
@@ -300,49 +350,71 @@ class PixelRNN(nn.Module):
 def build_model(mcfg, shape):
     """The PixelRNN for images of `shape` (C, H, W): binarized (Bernoulli) for 1 channel, 8-bit (256-way) for 3."""
     colors = shape[0]
+    binary = colors == 1  # the project's rule: 1-channel images are binarized, 3-channel ones keep 256 levels
     for name in ("hidden", "head"):
         value = getattr(mcfg, name)
         if value % colors:
-            raise common.UsageError(f"--{name} {value} must be a multiple of {colors} with {colors}-channel images (the R, G, "
-                                    f"B feature groups); try --{name} {value // colors * colors or colors} or {(value // colors + 1) * colors}")
-    return PixelRNN(mcfg.arch, colors, common.is_binary(colors), mcfg.hidden, mcfg.layers, mcfg.head, mcfg.conditional)
+            raise common.UsageError(f"--{name} {value} must be a multiple of {colors} with {colors}-channel images "
+                                    f"(the R, G, B feature groups); try --{name} {value // colors * colors or colors} "
+                                    f"or {(value // colors + 1) * colors}")
+    return PixelRNN(mcfg.arch, colors, binary, mcfg.hidden, mcfg.layers, mcfg.head, mcfg.conditional)
 
 
-# ----------------------------------------------------------------------------- likelihood and sampling
+# ----------------------------------------------------------------------------- the loss: the exact NLL
 
-def net_input(v, binary, dtype=torch.float32):
-    """Pixel values (0/1, or levels 0..255) -> [-1, 1], so that zero padding means "no pixel", not black."""
-    return v.to(dtype) * 2 - 1 if binary else v.to(dtype) / 127.5 - 1
-
-
-def nll(model, v, binary, y=None):
+def nll(model, v, y=None):
     """-log p(x) in nats per image (a B-vector): one forward pass, the chain rule summed over all sub-pixels; for a
-    conditional model -log p(x | y), y the images' classes."""
-    logits = model(net_input(v, binary, next(model.parameters()).dtype), y)  # `model` may be wrapped (DDP, compile)
+    conditional model -log p(x | y), y the images' classes. v: pixel values (0/1, or levels 0..255)."""
+    # `model` may be wrapped: DDP keeps the PixelRNN in .module, torch.compile's wrapper passes .binary through
+    binary = getattr(model, "module", model).binary
+    x = scale_input(v.to(next(model.parameters()).dtype), binary)  # the network's input, in [-1, 1]
+    logits = model(x, y)
     return pixel_nll(logits if logits.dtype == torch.float64 else logits.float(), v, binary)  # fp32 under bf16
 
 
+def loss_fn(model, x, y=None):
+    """The exact NLL of the batch x (pixel values) as the loss, per sub-pixel so that --lr means the same for any
+    image size; the figures: nats per image and bits per dimension."""
+    nats = nll(model, x, y).mean()  # -log p(x), the batch's mean
+    dims = x[0].numel()  # C x H x W sub-pixels
+    figures = dict(nll_nats=nats.detach(), bits_per_dim=nats.detach() / (dims * math.log(2)))  # bits = nats / ln 2
+    return nats / dims, figures
+
+
+# ----------------------------------------------------------------------------- sampling
+
 @torch.no_grad()
-def sample(model, v, binary, rng, start_row=0, fast=True, progress=False, y=None):
+def sample_rows(model, v, y, rng, start_row=0, fast=True, progress=False):
     """Fill rows start_row.. of v (B x C x H x W pixel values) one sub-pixel at a time, in raster order:
-    x_i ~ p(x_i | x_<i), or p(x_i | x_<i, y) for a conditional model (y: the B classes to draw). The plain sampler
-    (fast=False), the reference, runs the network on rows 0..r for every sub-pixel of row r (it is causal, so rows
-    below cannot matter); fast=True carries the recurrent state instead (sample_carried, below): the same logits,
-    so the same images for the same random numbers."""
+    x_i ~ p(x_i | x_<i), or p(x_i | x_<i, y) for a conditional model (y: the B classes to draw; None without).
+    The plain sampler (fast=False), the reference, runs the network on rows 0..r for every sub-pixel of row r (it
+    is causal, so rows below cannot matter); fast=True carries the recurrent state instead (sample_carried,
+    below): the same logits, so the same images for the same random numbers."""
     if fast:
-        return sample_carried(model, v, binary, rng, start_row, progress, y)
-    v = v.clone()
+        return sample_carried(model, v, y, rng, start_row, progress)
+    v, binary = v.clone(), model.binary
     for r in tqdm(range(start_row, v.shape[2]), desc="sampling rows", leave=False, disable=not progress):
         for c in range(v.shape[3]):
             for ch in range(v.shape[1]):  # R, then G given R, then B given R and G
-                logits = model(net_input(v[:, :, :r + 1], binary, model.input.weight.dtype), y)[:, ch:ch + 1, :, r, c]
+                x = scale_input(v[:, :, :r + 1].to(model.input.weight.dtype), binary)  # rows 0..r, in [-1, 1]
+                logits = model(x, y)[:, ch:ch + 1, :, r, c]
                 v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
     return v
 
 
-# ----------------------------------------------------------------------------- sampling with the state carried
+@torch.no_grad()
+def sample(model, n, shape, y, rng, fast=True, progress=False):
+    """n fresh images (pixel values, n x C x H x W for shape C x H x W): every row of an empty canvas drawn,
+    x ~ p(x), or x ~ p(x | y) for the classes y (None: unconditional), with the random numbers of rng."""
+    canvas = torch.zeros(n, *shape, device=model.input.weight.device)
+    return sample_rows(model, canvas, y, rng, 0, fast, progress)
 
-PAD = 3  # the stem's half-width: the input caches are zero padded by it, so a 7x7 patch fits at every pixel
+
+# ----------------------------------------------------------------------------- sampling with the state carried
+# The carried sampler keeps a cache of each convolution's input map (the stem's, each Row LSTM's K^is), which
+# conv_at reads, and the LSTM states, in arrays of their own layouts, given where each is made.
+
+PAD = 3  # every cache is zero padded by 3 (the 7x7 kernels' reach) on all sides: pixel (r, c) is at (r + 3, c + 3)
 
 
 def conv_at(conv, cache, r, c):
@@ -361,15 +433,17 @@ def gates_at(x_is, colors):
 
 class RowLSTMState:
     """A Row LSTM layer carried down the image. h at (r, c) needs K^is on row r (its input at c-1, c: kept in a
-    cache) and the row above's h at c-1..c+1 and c at c (kept): one cell update per new position."""
+    cache), the row above's h at c-1..c+1 and its cell state at c (kept): one cell update per new position."""
 
     def __init__(self, lstm, n, H, Wp, dtype, y):
         self.lstm, h, k = lstm, lstm.state_to_state.w.shape[-1], lstm.k
         self.bias = class_bias(lstm.embed, y)  # V^T y, the same at every position
         state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
-        self.x = lstm.state_to_state.w.new_zeros(n, lstm.input_to_state.in_channels, H + 2 * PAD, Wp + 2 * PAD, dtype=dtype)
-        self.h = self.x.new_zeros(n, H + 1, Wp + 2 * (k // 2), h, dtype=state)  # [r + 1, c + k//2]: zero above and beside
-        self.c = self.x.new_zeros(n, H + 1, Wp, h, dtype=state)  # [r + 1, c]
+        w = lstm.state_to_state.w
+        self.x = w.new_zeros(n, lstm.input_to_state.in_channels, H + 2 * PAD, Wp + 2 * PAD, dtype=dtype)  # the cache
+        # h of (r, c) at [r + 1, c + k//2]: row -1 and the k//2 columns beside the map stay zero, as lstm_scan pads
+        self.h = self.x.new_zeros(n, H + 1, Wp + 2 * (k // 2), h, dtype=state)
+        self.c = self.x.new_zeros(n, H + 1, Wp, h, dtype=state)  # the cell state of (r, c) at [r + 1, c]
 
     def begin_row(self, r):
         pass
@@ -381,7 +455,8 @@ class RowLSTMState:
         x_t = gates_at(x_is, self.lstm.colors)
         k, n = self.lstm.k, x.shape[0]
         above = self.h[:, r, c:c + k].reshape(n, 1, -1)  # row r - 1 at c - k//2 .. c + k//2: K^ss's neighbours
-        h, cell = lstm_cell(x_t, above, self.lstm.state_to_state.w, self.lstm.state_to_state.b, self.c[:, r, c][:, None])
+        ss = self.lstm.state_to_state
+        h, cell = lstm_cell(x_t, above, ss.w, ss.b, self.c[:, r, c][:, None])  # the cell carried down column c
         self.h[:, r + 1, c + k // 2], self.c[:, r + 1, c] = h[:, 0], cell[:, 0]
         return h.permute(0, 2, 1)[..., None]
 
@@ -393,54 +468,65 @@ class DiagonalBiLSTMState:
     """A Diagonal BiLSTM layer carried down the image. The forward direction's state at (r, c) needs (r-1, c),
     (r, c-1) and K^is at (r, c): one cell update per new position. The backward direction's state at (r, c)
     needs (r-1, c) and (r, c+1), so the whole row to its right; it reaches the output only shifted down a row, so
-    once row r is complete one right-to-left sweep computes its states, which row r + 1 reads. (Both directions
-    also run over the skewed map's cells beyond the image edge, whose K^is is zero; they are computed too.)"""
+    once row r is complete one right-to-left sweep computes its states, which row r + 1 reads.
+
+    The columns. In image coordinates, row r of the skewed map (shifted right by r) holds the columns c = -r ..
+    Wp - 1 + (H - 1 - r): before the image, cells c = -r .. -1, whose K^is is zero but whose states are not (the
+    gate biases, the recurrence), and (r, 0) reads (r, -1); so begin_row computes them, one per skewed column left
+    of the image. Cells c < -r lie outside the skewed map: zero, as lstm_scan's state starts. Cells c >= Wp feed
+    only cells c' >= Wp and are skipped. States of (r, c) are stored at [r + 1, c + H]: the + 1 keeps row -1 (zero)
+    at index 0, the + H makes every column from -H on an index >= 0. The backward direction runs on the mirrored
+    map, where image column c is column Wp - 1 - c, so its state of (r, c) is at [r + 1, Wp - 1 - c + H]."""
 
     def __init__(self, bilstm, n, H, Wp, dtype, y):
         self.fwd, self.bwd, self.H, self.Wp = bilstm.forward_dir, bilstm.backward_dir, H, Wp
         self.bias = [class_bias(self.fwd.embed, y), class_bias(self.bwd.embed, y)]  # V^T y of each direction
         h, w = self.fwd.state_to_state.w.shape[-1], self.fwd.state_to_state.w
         state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as lstm_scan keeps it
-        # [direction][r + 1, c + H]: row -1 and the cells before the skewed map starts (c < -r) stay zero
+        # [direction][r + 1, c + H], columns c = -H .. Wp - 1: row -1 and the cells c < -r are never written: zero
         self.h = [w.new_zeros(n, H + 1, H + Wp, h, dtype=state) for _ in range(2)]
         self.c = [w.new_zeros(n, H + 1, H + Wp, h, dtype=state) for _ in range(2)]
         self.row = w.new_zeros(n, self.fwd.input_to_state.in_channels, 1, Wp, dtype=dtype)  # the input along row r
 
     def cell(self, d, lstm, x_t, r, c):
-        """Direction d's state at (r, c) of its own map (the backward one's is mirrored): from (r-1, c), (r, c-1)."""
+        """Direction d's state at (r, c) of its own map (the backward one's is mirrored) from its K^ss neighbours,
+        the previous skewed column's rows r-1 and r: (r-1, c) at [r, c + H] and (r, c-1) at [r + 1, c - 1 + H]."""
         hs, cs, j = self.h[d], self.c[d], c + self.H
         neighbours = torch.cat([hs[:, r, j], hs[:, r + 1, j - 1]], 1)[:, None]  # lstm_scan's order: row r-1, then r
-        h, cell = lstm_cell(x_t, neighbours, lstm.state_to_state.w, lstm.state_to_state.b, cs[:, r + 1, j - 1][:, None])
+        ss = lstm.state_to_state
+        h, cell = lstm_cell(x_t, neighbours, ss.w, ss.b, cs[:, r + 1, j - 1][:, None])  # the cell from (r, c-1)
         hs[:, r + 1, j], cs[:, r + 1, j] = h[:, 0], cell[:, 0]
         return h
 
     def begin_row(self, r):
         zero = self.h[0].new_zeros(4, self.row.shape[0], 1, self.h[0].shape[-1])
-        for c in range(-r, 0):  # the forward map's cells left of the image in row r (K^is = 0 there)
+        for c in range(-r, 0):  # the forward map's cells left of the image in row r (K^is = 0 there), left to right
             self.cell(0, self.fwd, zero, r, c)
 
     def at(self, x, r, c):
         self.row[:, :, 0, c] = x[:, :, 0, 0]  # the backward sweep of row r reads it
         h = self.cell(0, self.fwd, gates_at(self.fwd.input_to_state(x) + self.bias[0], self.fwd.colors), r, c)
-        below = self.h[1][:, r, self.Wp - 1 - c + self.H]  # the backward state of (r - 1, c): the shift down a row
+        # the backward state of (r - 1, c), mirrored column Wp - 1 - c, row index (r - 1) + 1: the shift down a row
+        below = self.h[1][:, r, self.Wp - 1 - c + self.H]
         return (h + below[:, None]).permute(0, 2, 1)[..., None]
 
     def end_row(self, r):
         x_is = self.bwd.input_to_state(self.row.flip(3)) + self.bias[1]  # K^is (*) x + V^T y on row r, mirrored
         zero = self.h[1].new_zeros(4, x_is.shape[0], 1, self.h[1].shape[-1])
-        for m in range(-r, self.Wp):  # mirrored columns, right to left in the image
+        for m in range(-r, self.Wp):  # mirrored columns -r .. Wp - 1 (as begin_row's), right to left in the image
             self.cell(1, self.bwd, zero if m < 0 else gates_at(x_is[..., m:m + 1], self.bwd.colors), r, m)
 
 
-def sample_carried(model, v, binary, rng, start_row, progress, y=None):
+def sample_carried(model, v, y, rng, start_row, progress):
     """The plain sampler's loop with every layer's state carried from pixel to pixel: for each new sub-pixel
     the stem (a 7x7 patch of the input), each layer's LSTM cell and the 1x1 convolutions run at (r, c) alone,
     H*W positions of work for an image instead of the plain sampler's (H*W)^2 / 2. The layers run on W + 3
     columns (PixelRNN.forward's padding): those 3 are computed when their row is complete."""
-    v = v.clone()
+    v, binary = v.clone(), model.binary
     n, C, H, W = v.shape
     Wp, dtype = W + 3, model.input.weight.dtype
-    image = F.pad(net_input(v, binary, dtype), (PAD, PAD + 3, PAD, PAD))  # the stem's input as forward() pads it
+    # the stem's input as forward() pads it (3 zero columns on the right: Wp columns), then PAD on every side
+    image = F.pad(scale_input(v.to(dtype), binary), (PAD, PAD + 3, PAD, PAD))
     layers = [(RowLSTMState if isinstance(b.lstm, RowLSTM) else DiagonalBiLSTMState)(b.lstm, n, H, Wp, dtype, y)
               for b in model.blocks]
 
@@ -458,7 +544,7 @@ def sample_carried(model, v, binary, rng, start_row, progress, y=None):
             for ch in range(C if draw and c < W else 0):  # R, then G, then B: (r, c) recomputed with each one drawn
                 logits = pixel_logits(model.output(features_at(r, c)), C, binary)[:, ch:ch + 1, :, 0, 0]
                 v[:, ch:ch + 1, r, c] = sample_pixel(logits, binary, rng)
-                image[:, ch, r + PAD, c + PAD] = net_input(v[:, ch, r, c], binary, dtype)  # later positions see it
+                image[:, ch, r + PAD, c + PAD] = scale_input(v[:, ch, r, c].to(dtype), binary)  # later ones see it
             if not (draw and c < W):
                 features_at(r, c)  # a given pixel or a padding column: the states move on, nothing is drawn
         for state in layers:
@@ -471,39 +557,7 @@ def sample_carried(model, v, binary, rng, start_row, progress, y=None):
     return v
 
 
-def levels_to_unit(v, binary):
-    return v.float() if binary else v.float() / 255
-
-
-def eval_pixels(x_uint8, binary):
-    """The test images as the model sees them: one fixed seeded binarization (the same in every run, so test NLLs
-    are comparable), or the 8-bit levels."""
-    return common.fixed_binarization(x_uint8, seed=0) if binary else x_uint8
-
-
-@torch.no_grad()
-def mean_nll(model, x_uint8, binary, batch_size, y=None):
-    """Exact NLL in nats per image, averaged over the given test images (given their classes y, for a conditional
-    model); under torchrun each rank scores its share."""
-    v_all, part = eval_pixels(x_uint8, binary), common.shard(len(x_uint8))
-    batches = [slice(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)]
-    total = sum(nll(model, v_all[b], binary, None if y is None else y[b]).sum().item()
-                for b in tqdm(batches, desc="exact NLL", leave=False))
-    return common.sum_over_ranks(total) / len(v_all)
-
-
-def report_nll(cfg, model, x_test, y_test, binary):
-    """The exact test NLL as a table and eval.json: -log p(x), or -log p(x | y) given the test labels y."""
-    n = cfg.eval_n or len(x_test)
-    x_test, y_test = x_test[:n], None if y_test is None else y_test[:n]
-    start = time.time()
-    nats = mean_nll(model.eval(), x_test, binary, 4 * cfg.batch_size, y_test)
-    rows = {"exact NLL (nats/image)": nats, "exact NLL (bits/dim)": common.nats_to_bits_per_dim(nats, x_test[0].numel())}
-    given = " -log p(x | y), given the test labels y," if y_test is not None else ""
-    title = (f"test NLL{given} on {len(x_test)} images of {cfg.model.dataset} "
-             f"({'fixed binarization' if binary else '8-bit'}, {time.time() - start:.1f}s)")
-    return common.report(cfg.out, title, rows, images=len(x_test))
-
+# ----------------------------------------------------------------------------- pictures
 
 def receptive_field(model, shape, r, c):
     """|d logits(r, c) / d input|, summed over channels: nonzero exactly where the output pixel looks."""
@@ -512,85 +566,44 @@ def receptive_field(model, shape, r, c):
     return x.grad.abs().sum(1)[0]
 
 
+def sample_grid(model, cfg, shape, step):
+    """samples_<step>.png of a run: min(--num-samples, 64) samples (a row per class for a --conditional model) from
+    a generator of their own seeded by --seed, so every grid starts from the same numbers and training's are
+    untouched."""
+    n, device = min(cfg.num_samples, 64), model.input.weight.device
+    y = common.class_labels(cfg, n, device)
+    v = sample(model.eval(), n, shape, y, torch.Generator(device).manual_seed(cfg.seed), cfg.fast, progress=True)
+    common.save_grid(levels_to_unit(v, model.binary), Path(cfg.out) / f"samples_{step}.png", labels=y)
+
+
 # ----------------------------------------------------------------------------- training
 
-def learning_rate(cfg, step, minutes):
-    """Cosine decay from --lr to 0 over the run, measured in steps, or in minutes when --max-minutes ends the
-    run first (then it depends on the machine's speed, so such a run is not exactly reproducible)."""
-    progress = step / cfg.steps
-    if cfg.max_minutes:
-        progress = max(progress, minutes / cfg.max_minutes)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def sample_grid(model, shape, binary, n, y, path, seed, fast):
-    """n samples (of the classes y: one row each) as a PNG grid, from their own generator: training's random
-    numbers are untouched."""
-    device = model.input.weight.device
-    v = sample(model.eval(), torch.zeros(n, *shape, device=device), binary, torch.Generator(device).manual_seed(seed),
-               fast=fast, progress=True, y=y)
-    model.train()
-    common.save_grid(levels_to_unit(v, binary), path, labels=y)
-
-
 def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    x_train, y_train = common.load_split(cfg, "train", device)  # the labels only for a --conditional model
-    x_test, y_test = common.load_split(cfg, "test", device)
-    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here, before anything is written
-    y_grid = common.class_labels(cfg, min(cfg.num_samples, 64), device)  # so does a --label for an unconditional model
-    binary = model.binary
+    run = common.Run(cfg, "pixelrnn")  # the device, the seeds, torchrun (common.py): nothing is written yet
+    x_train, y_train = common.load_split(cfg, "train", run.device)  # y_train: None unless --conditional
+    x_test, y_test = common.load_split(cfg, "test", run.device)  # for the exact test NLL at the end of the run
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(run.device)  # bad sizes stop here: nothing written
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_rng = common.data_generator(device, cfg.seed)
-    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
-    out = common.start_run(cfg)
-    step = common.load_checkpoint(out / "ckpt.pt", "pixelrnn", data_rng, model=model, opt=opt) if cfg.resume else 0
-    common.check_resume(cfg, step)
-    dims = x_train[0].numel()
-    common.say(f"pixelrnn ({cfg.model.arch}): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
-          f"{len(x_train)} training images {tuple(x_train.shape[1:])}, {'binarized' if binary else '8-bit'}, {device}")
-    forward_model = common.maybe_compile(common.ddp(model), cfg)  # under torchrun, DDP averages the gradients over the ranks
-    start, log, t0 = step, common.Logger(out, cfg.steps, step, 60 * cfg.max_minutes), time.time()
-    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "pixelrnn", cfg, step, rng, model=model, opt=opt)
-    with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.stopping():
-            minutes = common.max_over_ranks((time.time() - t0) / 60)  # under torchrun, one clock for all ranks
-            if cfg.max_minutes and minutes > cfg.max_minutes:  # a wall-clock budget: end as if --steps were reached now
-                cfg.steps = step + 1
-            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step, minutes)
-            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
-            batch, y = batch if y_train is not None else (batch, None)
-            v = common.binarize(batch, data_rng) if binary else batch  # a fresh stochastic binarization every step
-            with common.autocast(device, cfg.precision):
-                nats = nll(forward_model, v, binary, y).mean()
-            loss = nats / dims  # per sub-pixel: the same scale for any image size
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            common.check_finite(step, loss=loss, grad_norm=grad_norm)  # before the update is applied
-            if step > start and step % cfg.ckpt_every == 0:
-                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
-            opt.step()
-            step += 1
-            log.count(cfg.batch_size)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.log(step, nll_nats=nats, bits_per_dim=common.nats_to_bits_per_dim(nats.item(), dims), grad_norm=grad_norm)
-            if (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main():
-                common.run_safely("the sample grid", lambda: sample_grid(
-                    model, x_train.shape[1:], binary, min(cfg.num_samples, 64), y_grid, out / f"samples_{step}.png",
-                    cfg.seed, cfg.fast))
-                common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
-    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
-    ctrl_c.exit_if_requested(step)
-    common.run_safely("the test NLL", lambda: report_nll(cfg, model, x_test, y_test, binary))
-    model.train()
-    common.say(f"done: {out}")
+    run.start(dict(model=model, opt=opt), lambda step: sample_grid(model, cfg, tuple(x_train.shape[1:]), step))
+    net = run.wrap(model)  # the model as the step calls it: DDP under torchrun, compiled with --compile
+    for step in run:
+        x, y = run.batch(x_train, y_train)  # y: the labels of a --conditional model, else None
+        if model.binary:
+            x = common.binarize(x, run.rng)  # a fresh Bernoulli draw of every pixel, every step
+        for group in opt.param_groups:  # a cosine from --lr to 0 over the run: its steps, or its --max-minutes
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * run.progress))
+        with run.autocast():
+            loss, figures = loss_fn(net, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        figures["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.check(loss=loss, grad_norm=figures["grad_norm"])  # a NaN stops the run here, before the update
+        opt.step()
+        run.log(figures)
+    run.finish(final=lambda: report_nll(cfg, model, x_test, y_test))  # the exact test NLL, split over the ranks
 
 
-# ----------------------------------------------------------------------------- the other modes
+# ----------------------------------------------------------------------------- the modes
 
 def load_for_inference(cfg):
     """(the trained model in eval mode, the test images as uint8, their labels or None) from the run in --out."""
@@ -601,18 +614,48 @@ def load_for_inference(cfg):
     return model.eval(), x_test, y_test
 
 
+def eval_pixels(x_uint8, binary):
+    """The test images as the model sees them: one fixed seeded binarization (the same in every run, so test NLLs
+    are comparable), or the 8-bit levels."""
+    return common.binarize(x_uint8) if binary else x_uint8
+
+
+@torch.no_grad()
+def mean_nll(model, x_uint8, batch_size, y=None):
+    """Exact NLL in nats per image, averaged over the given test images (given their classes y, for a conditional
+    model); under torchrun each rank scores its share."""
+    v_all, part = eval_pixels(x_uint8, model.binary), common.shard(len(x_uint8))
+    batches = [slice(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)]
+    total = sum(nll(model, v_all[b], None if y is None else y[b]).sum().item()
+                for b in tqdm(batches, desc="exact NLL", leave=False))
+    return common.reduce_over_ranks(total) / len(v_all)
+
+
+def report_nll(cfg, model, x_test, y_test):
+    """The exact NLL of the first --eval-n test images (all by default), as a table and eval.json: -log p(x), or
+    -log p(x | y) given the test labels y. The end of a training run and --eval both call it."""
+    n = cfg.eval_n or len(x_test)
+    x_test, y_test = x_test[:n], None if y_test is None else y_test[:n]
+    start = time.time()
+    nats = mean_nll(model.eval(), x_test, 4 * cfg.batch_size, y_test)
+    rows = {"exact NLL (nats/image)": nats, "exact NLL (bits/dim)": nats / (x_test[0].numel() * math.log(2))}
+    given = " -log p(x | y), given the test labels y," if y_test is not None else ""
+    title = (f"test NLL{given} on {len(x_test)} images of {cfg.model.dataset} "
+             f"({'fixed binarization' if model.binary else '8-bit'}, {time.time() - start:.1f}s)")
+    return common.report(cfg.out, title, rows, images=len(x_test))
+
+
 def evaluate(cfg):
     model, x_test, y_test = load_for_inference(cfg)
-    return report_nll(cfg, model, x_test, y_test, model.binary)
+    return report_nll(cfg, model, x_test, y_test)
 
 
 def sample_from_checkpoint(cfg):
     model, x_test, _ = load_for_inference(cfg)
     start, part = time.time(), common.shard(cfg.num_samples)  # under torchrun each rank draws its share
     y = common.class_labels(cfg, len(part), x_test.device, part.start)  # of images part.start..: gathered, all N's
-    rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))
-    v = sample(model, torch.zeros(len(part), *x_test.shape[1:], device=x_test.device), model.binary, rng, fast=cfg.fast,
-               progress=True, y=y)
+    rng = torch.Generator(x_test.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: numbers of its own
+    v = sample(model, len(part), x_test.shape[1:], y, rng, fast=cfg.fast, progress=True)
     samples = common.gather_cat(levels_to_unit(v, model.binary).cpu())
     common.save_samples(cfg, samples)
     common.say(f"{len(samples)} samples in {time.time() - start:.1f}s -> {cfg.out}/samples.png, samples.pt"
@@ -626,15 +669,14 @@ def complete(cfg, n=8, draws=3):
         return
     model, x_test, y_test = load_for_inference(cfg)
     v = eval_pixels(x_test[:n], model.binary).float()
-    y = common.class_labels(cfg, len(v) * draws, v.device)  # None for an unconditional model, which refuses --label
+    y = common.class_labels(cfg, len(v) * draws, v.device)  # None for an unconditional model
     if y is not None and cfg.label < 0:
         y = y_test[:n].repeat(draws)  # each test image's own class, in the order of v.repeat below
     H = v.shape[2]
     occluded = v.clone()
     occluded[:, :, H // 2:] = 0.5 if model.binary else 127.5  # grey where the model must fill in
-    rng = torch.Generator(v.device).manual_seed(cfg.seed)
-    filled = sample(model, v.repeat(draws, 1, 1, 1), model.binary, rng, start_row=H // 2, fast=cfg.fast, progress=True,
-                    y=y)
+    rng = torch.Generator(v.device).manual_seed(common.rank_seed(cfg.seed))  # rank 0's: cfg.seed
+    filled = sample_rows(model, v.repeat(draws, 1, 1, 1), y, rng, start_row=H // 2, fast=cfg.fast, progress=True)
     grid = levels_to_unit(torch.cat([v, occluded, filled]), model.binary).cpu()
     common.save_grid(grid, Path(cfg.out) / "completion.png", nrow=len(v))
     torch.save(grid, Path(cfg.out) / "completion.pt")
@@ -658,8 +700,8 @@ def receptive_field_picture(cfg, size=(1, 28, 28)):
     zoomed = F.interpolate(torch.stack(panels), scale_factor=6, mode="nearest")  # pixels big enough to count
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     common.save_grid(zoomed, Path(cfg.out) / "receptive_field.png", nrow=2)
-    print(f"receptive fields of output pixel {(r, c)} (left: Row LSTM, right: Diagonal BiLSTM; {cfg.model.layers} layers) "
-          f"-> {cfg.out}/receptive_field.png")
+    print(f"receptive fields of output pixel {(r, c)} (left: Row LSTM, right: Diagonal BiLSTM; {cfg.model.layers} "
+          f"layers) -> {cfg.out}/receptive_field.png")
 
 
 @common.entry

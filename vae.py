@@ -12,14 +12,17 @@ The last KL cannot be computed; --eval estimates log p(x) itself by importance s
 "Importance Weighted Autoencoders"), log p(x) ~ log 1/K sum_k p(x, z_k) / q(z_k|x), and shows the gap.
 1-channel images are binarized (a Bernoulli decoder); colour images keep 8 bits (a discretized logistic).
 
---conditional trains the conditional VAE of Sohn, Lee & Yan 2015 ("Learning Structured Output Representation using
-Deep Conditional Generative Models"): the label y goes into the encoder q(z|x,y) and the decoder p(x|z,y), and
+--conditional makes it a model of p(x|y) for the class y: the one-hot y goes into the encoder q(z|x,y) and the
+decoder p(x|z,y), and the prior stays p(z) = N(0, I). That is the generative model of Kingma, Rezende, Mohamed &
+Welling 2014 ("Semi-Supervised Learning with Deep Generative Models", M2: p(z) = N(0, I), p_theta(x|y,z),
+q_phi(z|y,x)), here with y always given. (Sohn, Lee & Yan 2015's CVAE learns a prior conditioned on its input, here
+p(z|y); they note it can be relaxed to p(z), which is this model.)
 
     log p(x|y) >= E_q(z|x,y)[log p(x|z,y)] - KL(q(z|x,y) || p(z))
 
-Sohn et al. also allow a learned prior p(z|y); we keep p(z) = N(0, I), so the KL stays in closed form and sampling
-stays "z from the prior", now decoded with the class asked for. y is given, so z need not carry the class: it is
-left with the style (slant, thickness), and --label picks the class.
+With p(z) = N(0, I) the KL stays in closed form and sampling stays "z from the prior", now decoded with the class
+asked for. y is given, so z need not carry the class: it is left with the style (slant, thickness), and --label
+picks the class.
 
     python vae.py                           # the recipe for the device: quick on a CPU (an MLP), full on a GPU (conv)
     python vae.py --eval                    # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
@@ -46,7 +49,8 @@ import common
 class ModelConfig(common.ModelConfig):
     arch: str = common.opt("conv", "encoder/decoder: mlp (784-hidden-z) or conv", choices=["mlp", "conv"])
     z_dim: int = common.opt(32, "latent size (2 for the manifold and latent-scatter pictures)", "[1, inf)")
-    hidden: int = common.opt(400, "mlp: hidden units per layer (784-400-z is the classic)", "[1, inf)")
+    hidden: int = common.opt(400, "mlp: hidden units per layer (400 as in the PyTorch VAE example, 784-400-20; "
+                             "Kingma & Welling 2014 used 500 on MNIST)", "[1, inf)")
     layers: int = common.opt(1, "mlp: hidden layers in the encoder and in the decoder", "[1, inf)")
     channels: int = common.opt(64, "conv: channels at full/2 resolution (twice as many at full/4)", "[1, inf)")
     blocks: int = common.opt(2, "conv: residual blocks at each resolution", "[1, inf)")
@@ -71,7 +75,9 @@ PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU 
 }
 
 
-# ----------------------------------------------------------------------------- likelihoods p(x|z)
+# ----------------------------------------------------------------------------- the mathematics: p(x|z), z ~ q, the KL
+# The likelihoods p_theta(x|z) the decoder's output defines, the reparameterized draw z ~ q_phi(z|x), and the KL of
+# q_phi(z|x) to the prior in closed form: the three pieces of the ELBO, used by VAE.forward and loss_fn below.
 
 def bernoulli_log_prob(logits, x):
     """log p(x|z) = sum_i x_i log p_i + (1 - x_i) log(1 - p_i), p_i = sigmoid(logit_i), x_i in {0, 1}: nats per
@@ -94,13 +100,28 @@ def discretized_logistic_log_prob(mean, log_scale, x):
     return log_p.flatten(-3).sum(-1)
 
 
+def reparameterize(mu, logvar, eps=None, rng=None):
+    """z = mu + sigma * eps, eps ~ N(0, I) (drawn from `rng`, or torch's global generator if None). Sampling
+    z ~ N(mu, sigma^2) directly would cut the graph (a draw has no derivative with respect to its parameters);
+    written this way all randomness sits in eps, which does not depend on phi, and z is a smooth function of
+    (mu, logvar): dz/dmu = 1, dz/dlogvar = sigma * eps / 2."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=rng, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps  # sigma = exp(logvar / 2)
+
+
+def kl_to_prior(mu, logvar):
+    """KL(N(mu, diag sigma^2) || N(0, I)) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2), per image."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+
 # ----------------------------------------------------------------------------- encoders and decoders
 
 def with_label(v, y):
     """v with the one-hot label y appended (a conditional model; y None: v as it is): 10 more features of a vector
     B x n, or 10 constant planes of an image B x C x H x W. One-hot rather than an embedding: it feeds a linear layer,
-    and W [v; onehot(y)] = W_v v + (column y of W_y), so the layer learns a class embedding of its own width anyway
-    (it is also what Sohn et al. feed). y may also be rows of class weights, as the interpolation uses."""
+    and W [v; onehot(y)] = W_v v + (column y of W_y), so the layer learns a class embedding of its own width anyway.
+    y may also be rows of class weights, as the interpolation uses."""
     if y is None:
         return v
     y = (y if y.is_floating_point() else F.one_hot(y, common.NUM_CLASSES)).to(v.dtype)
@@ -110,8 +131,9 @@ def with_label(v, y):
 
 
 def mlp(sizes):
-    """Linear layers with ELU between them (none after the last). ELU, not ReLU: it has no dead units and a
-    smooth gradient, and on the quick CPU recipe it gave a 2.5-nat better IW NLL in the same time (README)."""
+    """Linear layers with ELU between them (none after the last). ELU, not ReLU: it has no dead units and a smooth
+    gradient, and with the quick CPU run's MLP it gave an IW NLL 2.5 nats better, 87.16 against ReLU's 89.70 (2,000
+    test images, K = 500; runs of about 5 minutes, ReLU's the longer): benchmarks/RESULTS.md, "ELU instead of ReLU"."""
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers += [nn.Linear(a, b)] + ([nn.ELU()] if i < len(sizes) - 2 else [])
@@ -146,10 +168,10 @@ def conv_decoder(z_dim, c_out, h, w, ch, blocks):
 
 class VAE(nn.Module):
     """q_phi(z|x) = N(mu, diag exp(logvar)), p(z) = N(0, I), and p_theta(x|z): Bernoulli for binarized images
-    (binary=True), discretized logistic for 8-bit colour images. A conditional model (Sohn et al.) has q(z|x,y) and
-    p(x|z,y): the one-hot y joins the encoder's input (mlp: 10 more inputs; conv: 10 more planes) and the decoder's
-    (10 more inputs beside z); the prior stays N(0, I). No layer behaves differently in train and eval mode, so
-    evaluating during training needs no mode switch."""
+    (binary=True), discretized logistic for 8-bit colour images. A conditional model (Kingma et al. 2014's M2, with
+    y given) has q(z|x,y) and p(x|z,y): the one-hot y joins the encoder's input (mlp: 10 more inputs; conv: 10 more
+    planes) and the decoder's (10 more inputs beside z); the prior stays N(0, I). No layer behaves differently in
+    train and eval mode, so evaluating during training needs no mode switch."""
 
     def __init__(self, mcfg, shape, binary):
         super().__init__()
@@ -181,10 +203,13 @@ class VAE(nn.Module):
 
     def forward(self, x, y=None):
         """The training pass: (mu, logvar) of q(z|x,y), and log p(x|z,y) for one z ~ q(z|x,y) drawn by
-        `reparameterize` (with the loss, below; y None for an unconditional model). The loss goes through forward()
-        alone, so that DDP can average its gradients."""
+        `reparameterize` (above; y None for an unconditional model). The loss goes through forward() alone, so that
+        DDP can average its gradients."""
         mu, logvar = self.encode(x, y)
-        z = reparameterize(mu, logvar)  # the global generator: restored by --resume, untouched by evaluations
+        # z ~ q_phi(z|x), the encoder's approximation: the deck's "z is sampled from p(z|x)" in training means this
+        # q_phi, for the true posterior p(z|x) cannot be computed. Drawn from the global generator: --resume restores
+        # it, and evaluations, which draw from generators of their own, leave it alone.
+        z = reparameterize(mu, logvar)
         return mu, logvar, self.log_px_given_z(self.decode(z, y), x)
 
     def log_px_given_z(self, net_out, x):
@@ -192,7 +217,11 @@ class VAE(nn.Module):
         if self.binary:
             return bernoulli_log_prob(net_out, x)
         mean, log_scale = net_out.chunk(2, dim=-3)
-        return discretized_logistic_log_prob(mean, log_scale.clamp(min=-7), x)  # s >= e^-7: no zero-width logistic
+        # log s >= -7, as in PixelCNN++'s code: s >= e^-7 ~ 0.0009, a quarter of a bin's half-width 1/255, where a bin
+        # centred on the mean already holds 97% of the mass (log 0.973 = -0.03 nats), so the bound barely limits a
+        # good fit; without it nothing stops s collapsing to 0: the gradients grow as 1/s, and once 1/s overflows,
+        # inf * 0 gives NaN
+        return discretized_logistic_log_prob(mean, log_scale.clamp(min=-7), x)
 
     def mean_image(self, net_out):
         """The decoder's mean image in [0, 1]: the Bernoulli means sigmoid(logits), or the logistic means."""
@@ -202,65 +231,43 @@ class VAE(nn.Module):
 
 
 def build_model(mcfg, shape):
-    """The VAE for images of `shape` (C, H, W). Its likelihood follows the project's rule for binarized data,
-    common.is_binary: 1 channel -> Bernoulli, 3 -> 8-bit."""
+    """The VAE for images of `shape` (C, H, W). Its likelihood follows the project's rule for binarized data (as in
+    pixelcnn.py and pixelrnn.py): 1 channel -> binarized images and a Bernoulli; 3 channels -> 8 bits and a
+    discretized logistic."""
     c, h, w = shape
     if mcfg.arch == "conv" and (h % 4 or w % 4):
         raise common.UsageError(f"--arch conv needs height and width divisible by 4, not {h}x{w}; use --arch mlp")
-    return VAE(mcfg, shape, binary=common.is_binary(c))
+    return VAE(mcfg, shape, binary=c == 1)
 
 
 # ----------------------------------------------------------------------------- the loss: negative ELBO
 
-def reparameterize(mu, logvar, eps=None, rng=None):
-    """z = mu + sigma * eps, eps ~ N(0, I) (drawn from `rng`, or torch's global generator if None). Sampling
-    z ~ N(mu, sigma^2) directly would cut the graph (a draw has no derivative with respect to its parameters);
-    written this way all randomness sits in eps, which does not depend on phi, and z is a smooth function of
-    (mu, logvar): dz/dmu = 1, dz/dlogvar = sigma * eps / 2."""
-    if eps is None:
-        eps = torch.randn(mu.shape, generator=rng, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps  # sigma = exp(logvar / 2)
-
-
-def kl_to_prior(mu, logvar):
-    """KL(N(mu, diag sigma^2) || N(0, I)) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2), per image."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
-
-
-def prepare(model, x_uint8, data_rng):
-    """A training batch as the model sees it: a fresh stochastic binarization (binary), or [-1, 1] (colour)."""
-    return common.binarize(x_uint8, data_rng) if model.binary else common.uint8_to_signed(x_uint8)
-
-
-def eval_images(model, x_uint8):
-    """Test images as the model sees them: one fixed seeded binarization, the same in every run (binary), or
-    [-1, 1] (colour)."""
-    return common.fixed_binarization(x_uint8) if model.binary else common.uint8_to_signed(x_uint8)
-
-
 def loss_fn(model, x, beta=1.0, y=None):
     """Negative ELBO = reconstruction -E_q[log p(x|z)] (one z per image) + beta * KL(q(z|x) || p(z)); for a
-    conditional model (labels y) the CVAE's, -log p(x|y) <= -E_q(z|x,y)[log p(x|z,y)] + KL(q(z|x,y) || p(z))."""
+    conditional model (labels y), -log p(x|y) <= -E_q(z|x,y)[log p(x|z,y)] + KL(q(z|x,y) || p(z)). Returns (loss,
+    figures); on 8-bit colour data the figures also give the bound in bits per sub-pixel, the unit papers report."""
     mu, logvar, log_px_z = model(x, y)  # z = mu + sigma * eps inside, one z per image
     rec = -log_px_z.float()  # one-sample estimate of -E_q[log p(x|z)]
     kl = kl_to_prior(mu.float(), logvar.float())
     loss = (rec + beta * kl).mean()
     figures = dict(loss=loss, rec=rec.mean(), kl=kl.mean(), neg_elbo=(rec + kl).mean())
+    if x.shape[1] != 1:  # colour, not binarized (build_model's rule): nats per image / (C H W ln 2) = bits/dim
+        figures["bits_per_dim"] = figures["neg_elbo"] / (x[0].numel() * math.log(2))
     return loss, {k: v.detach() for k, v in figures.items()}
 
 
 # ----------------------------------------------------------------------------- the sampler
 
 @torch.no_grad()
-def sample_prior(model, n, rng, y=None):
-    """x ~ p(x|z) (p(x|z,y): a conditional model, labels y), z ~ p(z) = N(0, I), z drawn from `rng` (on any device:
-    a CPU generator gives the same samples on every device); returns the Bernoulli (or logistic) means,
-    n x C x H x W in [0, 1]."""
+def sample(model, n, rng, y=None):
+    """Fresh images: x ~ p(x|z) (p(x|z,y): a conditional model, labels y), z ~ p(z) = N(0, I), z drawn from `rng`
+    (on any device: a CPU generator gives the same samples on every device); returns the Bernoulli (or logistic)
+    means, n x C x H x W in [0, 1]."""
     z = torch.randn(n, model.z_dim, generator=rng, device=rng.device)
     return model.mean_image(model.decode(z.to(next(model.parameters()).device), y))
 
 
-# ----------------------------------------------------------------------------- evaluation: ELBO and IW log p(x)
+# ----------------------------------------------------------------------------- the measure: ELBO and IW log p(x)
 
 def log_normal(z, mu, logvar):
     """log N(z; mu, diag exp(logvar)), summed over the last dimension."""
@@ -274,12 +281,14 @@ def elbo_and_iw(model, x, k, chunk=4096, rng=None, y=None):
         log p(x) ~ log 1/K sum_k w_k,  w_k = p(x|z_k) p(z_k) / q(z_k|x)
     For a conditional model, given the labels y, the same with every distribution conditioned on y but p(z):
     bounds on log p(x|y), w_k = p(x|z_k,y) p(z_k) / q(z_k|x,y).
-    The K samples are drawn from `rng` in chunks of at most `chunk` decoder evaluations (memory stays bounded)."""
-    mu, logvar = model.encode(x, y)
-    b, per = len(x), max(1, chunk // len(x))  # samples per image in one chunk
+    Each sample costs one decoder pass per image, and all K x B at once would hold K x B decoded images (at K = 1000,
+    a thousand times a batch): so the K samples are drawn from `rng` in chunks of at most `chunk` decoder passes."""
+    mu, logvar = model.encode(x, y)  # one encoder pass: q(z|x) is the same for all K samples
+    b, per = len(x), max(1, chunk // len(x))  # per: samples per image in a chunk, per x B <= chunk (or 1)
     log_w, log_px_z = [], []
     for start in range(0, k, per):
         n = min(per, k - start)
+        # expand: mu and logvar seen as n x B x z, the same numbers for the n samples without copying them
         z = reparameterize(mu.expand(n, -1, -1), logvar.expand(n, -1, -1), rng=rng)  # n x B x z
         y_n = None if y is None else y.repeat(n)  # z.flatten(0, 1) is sample-major: image i's label at i, B + i, ...
         net_out = model.decode(z.flatten(0, 1), y_n).unflatten(0, (n, b))  # n x B x C x H x W
@@ -289,7 +298,11 @@ def elbo_and_iw(model, x, k, chunk=4096, rng=None, y=None):
         log_px_z.append(lpxz)
     log_w, log_px_z = torch.cat(log_w), torch.cat(log_px_z)  # K x B
     elbo = log_px_z.mean(0) - kl_to_prior(mu.float(), logvar.float())
-    iw = torch.logsumexp(log_w, 0) - math.log(k)  # log of the mean weight, computed without overflow
+    # log 1/K sum_k w_k = logsumexp_k(log w_k) - log K, the log of the mean weight. The w_k themselves would underflow
+    # (log w_k is about -90 nats for an MNIST image, far lower for a colour one; float32 stops at e^-103): logsumexp
+    # takes out the largest log w_k first, m + log sum_k exp(log w_k - m): the largest term is e^0 = 1, so the sum
+    # neither underflows to 0 nor overflows
+    iw = torch.logsumexp(log_w, 0) - math.log(k)
     return elbo, iw
 
 
@@ -303,107 +316,7 @@ def mean_neg_elbo(model, x, rng, batch=500, y=None):
     return total / len(x)
 
 
-def load_for_inference(cfg):
-    """(the trained VAE in eval mode, the test images as uint8, their labels or None) from the run in --out. The labels
-    come even for an unconditional model: latents.png colours the codes by them."""
-    device = common.get_device(cfg.device)
-    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
-    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
-    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "vae", model=model)
-    return model, x_test, y_test
-
-
-def evaluate(cfg):
-    """On the test set: -ELBO, the IW estimate of -log p(x) with K = --iw-samples, and their gap, which estimates
-    KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data). A conditional model is evaluated with the
-    test labels y: the bounds are on log p(x|y), and the rows say so."""
-    model, x_test, y_test = load_for_inference(cfg)
-    x, part = eval_images(model, x_test[:cfg.eval_n or None]), common.shard(len(x_test[:cfg.eval_n or None]))
-    y = y_test[:len(x)] if model.conditional else None
-    rng = torch.Generator(x.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own z
-    per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
-    sums = torch.zeros(2, dtype=torch.float64)  # sum of the ELBOs, sum of the IW estimates, over this rank's share
-    for i in tqdm(range(part.start, part.stop, per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}", unit="batch",
-                  disable=not common.is_main()):
-        j = min(i + per_batch, part.stop)
-        e, w = elbo_and_iw(model, x[i:j], cfg.iw_samples, cfg.eval_chunk, rng, None if y is None else y[i:j])
-        sums += torch.stack([e.double().sum(), w.double().sum()]).cpu()
-    neg_elbo, iw_nll = (-common.sum_over_ranks(sums) / len(x)).tolist()
-    given = ("x|y", "x,y") if model.conditional else ("x", "x")  # a conditional model: given its label, p(x|y)
-    rows = {"negative ELBO (nats/image)": neg_elbo, f"IW NLL -log p({given[0]}) (nats/image)": iw_nll,
-            f"gap KL(q(z|{given[1]}) || p(z|{given[1]})), IW estimate (nats/image)": neg_elbo - iw_nll}
-    if not model.binary:  # 8-bit colour: also in bits per sub-pixel, the unit papers report
-        dims = math.prod(model.shape)
-        rows |= {k.replace("nats/image", "bits/dim"): common.nats_to_bits_per_dim(v, dims) for k, v in rows.items()}
-    title = (f"{len(x)} test images of {cfg.model.dataset}{' and their labels y' if y is not None else ''}, "
-             f"K = {cfg.iw_samples} importance samples per image")
-    return common.report(cfg.out, title, rows, n=len(x), iw_samples=cfg.iw_samples)
-
-
-# ----------------------------------------------------------------------------- training
-
-def train(cfg):
-    device = common.get_device(cfg.device)
-    common.seed_everything(cfg.seed)
-    x_train, y_train = common.load_split(cfg, "train", device)  # y: the labels, for a conditional model only
-    x_test, y_test = common.load_split(cfg, "test", device)
-    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(device)  # bad sizes stop here: nothing written yet
-    x_test = eval_images(model, x_test[:1000])  # the test-ELBO figure of the log: 1000 fixed test images
-    y_test = None if y_test is None else y_test[:1000]
-    y_grid = common.class_labels(cfg, cfg.num_samples, device)  # the grids' classes; a --label it cannot take stops here
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_rng = common.data_generator(device, cfg.seed)
-    batch_size = common.per_rank_batch(cfg.batch_size)  # this process's share of the step's --batch-size images
-    out = common.start_run(cfg)
-    step = common.load_checkpoint(out / "ckpt.pt", "vae", data_rng, model=model, opt=opt) if cfg.resume else 0
-    common.check_resume(cfg, step)
-    forward_model = common.ddp(model)  # under torchrun, DDP averages the gradients over the ranks
-    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn  # compiling the function keeps state_dict keys
-    common.say(f"vae: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.model.arch}, z {cfg.model.z_dim}, "
-          f"{'binarized' if model.binary else '8-bit'} {tuple(x_train.shape[1:])}, {device}"
-          f"{', conditional on the class' * model.conditional}")
-    start, log = step, common.Logger(out, cfg.steps, step)
-    save = lambda rng: common.save_checkpoint(out / "ckpt.pt", "vae", cfg, step, rng, model=model, opt=opt)
-    with common.CtrlC() as ctrl_c:
-        while step < cfg.steps and not ctrl_c.stopping():
-            rng = common.rng_state(data_rng)  # where this step starts: a checkpoint written during it resumes here
-            for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            batch = common.random_batch(x_train, batch_size, data_rng, y_train)
-            x, y = batch if y_train is not None else (batch, None)
-            x = prepare(model, x, data_rng)
-            with common.autocast(device, cfg.precision):
-                loss, figures = step_loss(forward_model, x, cfg.beta, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            figures["grad_norm"] = nn.utils.get_total_norm([p.grad for p in model.parameters()])  # not clipped
-            common.check_finite(step, loss=loss, grad_norm=figures["grad_norm"])  # before the update is applied
-            if step > start and step % cfg.ckpt_every == 0:
-                save(rng)  # the weights of `step`, which have just given a finite loss and gradient
-            opt.step()
-            step += 1
-            log.count(cfg.batch_size)
-            if not model.binary:  # 8-bit colour: the bound also in bits per sub-pixel, the unit papers report
-                figures["bits_per_dim"] = common.nats_to_bits_per_dim(figures["neg_elbo"], math.prod(model.shape))
-            pictures = (step % cfg.sample_every == 0 or step == cfg.steps) and common.is_main()
-            if pictures:  # logged on this step's line; the same z at every evaluation, from a generator of its own
-                test_neg_elbo = common.run_safely("the test ELBO", lambda: mean_neg_elbo(
-                    model, x_test, torch.Generator(device).manual_seed(cfg.seed), y=y_test))
-                if test_neg_elbo is not None:
-                    figures["test_neg_elbo"] = test_neg_elbo
-            if step % cfg.log_every == 0 or pictures:
-                log.log(step, **figures)
-            if pictures:  # the same z in every grid of the run
-                common.run_safely("the sample grid", lambda: common.save_grid(sample_prior(
-                    model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed), y_grid), out / f"samples_{step}.png",
-                    labels=y_grid))
-                common.run_safely("curves.png", lambda: common.plot_curves(out))  # from log.jsonl, this step included
-    save(common.rng_state(data_rng))  # the end of the run, or the step under way when Ctrl-C came
-    ctrl_c.exit_if_requested(step)
-    common.say(f"done: {out}")
-
-
-# ----------------------------------------------------------------------------- the other modes: samples and pictures
+# ----------------------------------------------------------------------------- pictures
 
 PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                         [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
@@ -454,7 +367,8 @@ def manifold(model, n=20, label=None):
 def latent_scatter(model, x, y, size=400, lim=4.0):
     """z_dim = 2: the posterior means of test images as dots coloured by label, drawn into a 3 x size x size image,
     with the colours' key (colour_key) beside it when there are labels.
-    A conditional model encodes with the labels, q(z|x,y): y is given, z need not hold the class, and the colours mix."""
+    A conditional model encodes with the labels, q(z|x,y): y is given, z need not hold the class, and the colours
+    mix."""
     chunk = lambda i: (x[i:i + 1000], y[i:i + 1000]) if model.conditional else (x[i:i + 1000],)
     mu = torch.cat([model.encode(*chunk(i))[0] for i in range(0, len(x), 1000)]).cpu()
     pix = ((mu.clamp(-lim, lim) + lim) / (2 * lim) * (size - 3)).long()  # z in [-lim, lim] -> pixel, 1 px margin
@@ -482,6 +396,93 @@ def colour_key(x, y, binary, size):
     return key
 
 
+def sample_grid(model, cfg, x_test, y_test, step):
+    """The picture of a grid step of the run, samples_<step>.png: the same z in every grid (a generator seeded by
+    --seed), a row per class for a --conditional model. Returns that step's figure for the log line: the mean negative
+    ELBO of the fixed test images x_test (labels y_test, or None), with one z each from a seeded generator of its own.
+    Neither draw touches the training run's random numbers."""
+    y = common.class_labels(cfg, cfg.num_samples, x_test.device)  # None, or the classes of the grid's rows
+    x = sample(model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed), y)
+    common.save_grid(x, Path(cfg.out) / f"samples_{step}.png", labels=y)
+    rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
+    return dict(test_neg_elbo=mean_neg_elbo(model, x_test, rng, y=y_test))
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg):
+    run = common.Run(cfg, "vae")  # the device, the seeds, torchrun (common.py): nothing is written yet
+    x_train, y_train = common.load_split(cfg, "train", run.device)  # y_train: None unless --conditional
+    x_test, y_test = common.load_split(cfg, "test", run.device)
+    model = build_model(cfg.model, tuple(x_train.shape[1:])).to(run.device)  # bad sizes stop here: nothing written
+    x_test = model_view(model, x_test[:1000])  # the log's test ELBO: 1000 fixed test images
+    y_test = None if y_test is None else y_test[:1000]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    run.start(dict(model=model, opt=opt), lambda step: sample_grid(model, cfg, x_test, y_test, step))
+    net = run.wrap(model)  # the model as the step calls it: DDP under torchrun, compiled with --compile
+    for step in run:
+        x, y = run.batch(x_train, y_train)  # y: the labels of a --conditional model, else None
+        # a fresh stochastic binarization of every batch (1 channel), or 8 bits scaled to [-1, 1] (colour)
+        x = common.binarize(x, run.rng) if model.binary else common.uint8_to_signed(x)
+        for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * run.progress))
+        with run.autocast():
+            loss, figures = loss_fn(net, x, cfg.beta, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        figures["grad_norm"] = nn.utils.get_total_norm([p.grad for p in model.parameters()])  # not clipped
+        run.check(loss=loss, grad_norm=figures["grad_norm"])  # a NaN stops the run here, before the update
+        opt.step()
+        run.log(figures)
+    run.finish()
+
+
+# ----------------------------------------------------------------------------- the modes
+
+def model_view(model, x_uint8):
+    """Test images as the model sees them: one fixed binarization, the same in every run (binary), or [-1, 1]
+    (colour). Training batches are binarized afresh each step instead (train)."""
+    return common.binarize(x_uint8) if model.binary else common.uint8_to_signed(x_uint8)
+
+
+def load_for_inference(cfg):
+    """(the trained VAE in eval mode, the test images as uint8, their labels or None) from the run in --out. The labels
+    come even for an unconditional model: latents.png colours the codes by them."""
+    device = common.get_device(cfg.device)
+    x_test, y_test = common.load_dataset(cfg.model.dataset, cfg.data_dir, "test", device)
+    model = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
+    common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "vae", model=model)
+    return model, x_test, y_test
+
+
+def evaluate(cfg):
+    """On the test set: -ELBO, the IW estimate of -log p(x) with K = --iw-samples, and their gap, which estimates
+    KL(q(z|x) || p(z|x)); in nats per image (and bits/dim on colour data). A conditional model is evaluated with the
+    test labels y: the bounds are on log p(x|y), and the rows say so."""
+    model, x_test, y_test = load_for_inference(cfg)
+    x = model_view(model, x_test[:cfg.eval_n or None])
+    y = y_test[:len(x)] if model.conditional else None
+    part = common.shard(len(x))  # under torchrun: each rank its share of the images
+    rng = torch.Generator(x.device).manual_seed(common.rank_seed(cfg.seed))  # rank r: its own z
+    per_batch = max(1, cfg.eval_chunk // cfg.iw_samples)  # images per call: about --eval-chunk decoder evaluations
+    sums = torch.zeros(2, dtype=torch.float64)  # sum of the ELBOs, sum of the IW estimates, over this rank's share
+    for i in tqdm(range(part.start, part.stop, per_batch), desc=f"ELBO and IW log p(x), K={cfg.iw_samples}",
+                  unit="batch", disable=not common.is_main()):
+        j = min(i + per_batch, part.stop)
+        e, w = elbo_and_iw(model, x[i:j], cfg.iw_samples, cfg.eval_chunk, rng, None if y is None else y[i:j])
+        sums += torch.stack([e.double().sum(), w.double().sum()]).cpu()
+    neg_elbo, iw_nll = (-common.reduce_over_ranks(sums) / len(x)).tolist()
+    given = ("x|y", "x,y") if model.conditional else ("x", "x")  # a conditional model: given its label, p(x|y)
+    rows = {"negative ELBO (nats/image)": neg_elbo, f"IW NLL -log p({given[0]}) (nats/image)": iw_nll,
+            f"gap KL(q(z|{given[1]}) || p(z|{given[1]})), IW estimate (nats/image)": neg_elbo - iw_nll}
+    if not model.binary:  # 8-bit colour: also in bits per sub-pixel, the unit papers report
+        dims = math.prod(model.shape)
+        rows |= {k.replace("nats/image", "bits/dim"): v / (dims * math.log(2)) for k, v in rows.items()}
+    title = (f"{len(x)} test images of {cfg.model.dataset}{' and their labels y' if y is not None else ''}, "
+             f"K = {cfg.iw_samples} importance samples per image")
+    return common.report(cfg.out, title, rows, n=len(x), iw_samples=cfg.iw_samples)
+
+
 def sample_from_checkpoint(cfg):
     """samples.png (the first 256) and samples.pt from the prior (and labels.pt: a conditional model, of the classes
     --label asks for); reconstructions.png and interpolation.png of test images; with z_dim 2 also manifold.png and
@@ -489,12 +490,12 @@ def sample_from_checkpoint(cfg):
     if not common.is_main():  # a small job: under torchrun, rank 0 does it alone
         return
     model, x_test, y_test = load_for_inference(cfg)
-    out, x = Path(cfg.out), eval_images(model, x_test)
+    out, x = Path(cfg.out), model_view(model, x_test)
     labels = common.class_labels(cfg, cfg.num_samples, x.device)  # None (unconditional), or the classes to draw
     y = y_test if model.conditional else None  # the true labels, for the pictures of test images
     start, rng = time.time(), torch.Generator().manual_seed(cfg.seed)
-    samples = torch.cat([sample_prior(model, min(1000, cfg.num_samples - i), rng,
-                                      None if labels is None else labels[i:i + 1000]).float().cpu()
+    samples = torch.cat([sample(model, min(1000, cfg.num_samples - i), rng,
+                                 None if labels is None else labels[i:i + 1000]).float().cpu()
                          for i in range(0, cfg.num_samples, 1000)])  # bounded memory for any --num-samples
     seconds = time.time() - start
     common.save_samples(cfg, samples)

@@ -58,9 +58,9 @@ def bench_ours(name, overrides, args, device, precision, compile_):
     cfg = ddpm.Config(precision=precision, compile=compile_, sampler="ddim", sample_steps=50, model=mcfg)
     model = ddpm.build_model(mcfg, (1, 28, 28)).to(device)
     d = ddpm.Diffusion(mcfg, device)
-    fwd = common.maybe_compile(model, cfg)
+    fwd = torch.compile(model) if compile_ else model
     batch = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
-    step = train_step_fn(lambda x: d.training_loss(fwd, x)[0], model.parameters(), device, precision, batch)
+    step = train_step_fn(lambda x: ddpm.loss_fn(d, fwd, x)[0], model.parameters(), device, precision, batch)
     for _ in range(args.warmup):
         step()
     sec = timed(lambda: [step() for _ in range(args.steps)], device, args.repeats) / args.steps

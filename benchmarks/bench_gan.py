@@ -2,7 +2,8 @@
 family alike, is benchmarks/quality.py.
 
     python benchmarks/bench_gan.py speed --device cpu
-    python benchmarks/bench_gan.py speed --device cpu --reference /tmp/dcgan_ref/main.py  # a copy of pytorch/examples dcgan/main.py
+    # --reference: a copy of pytorch/examples dcgan/main.py
+    python benchmarks/bench_gan.py speed --device cpu --reference /tmp/dcgan_ref/main.py
 
 Speed is images/s of real data through full iterations of Algorithm 1 with k = 1 (one D update on a batch of
 real and a batch of fake images, one G update), timed over `--steps` iterations after a warm-up. The reference
@@ -12,6 +13,7 @@ lines are timestamped as they arrive. Timings on a shared machine vary: run unde
 """
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -39,16 +41,24 @@ def training_speed(device, steps, batch_size, g_channels, d_channels):
     except common.UsageError:  # no MNIST here: random digits have the same shape and cost
         x = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8, device=device)
     cfg, mcfg = gan.Config(batch_size=batch_size), gan.ModelConfig(g_channels=g_channels, d_channels=d_channels)
-    G, D = (m.to(device) for m in gan.build_models(mcfg, (1, 28, 28)))
+    G, D = (m.to(device) for m in gan.build_model(mcfg, (1, 28, 28)))
     ema = common.make_ema(G)
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G, D))
-    data_rng = common.data_generator(device, 0)
-    real = lambda: common.uint8_to_signed(common.random_batch(x, batch_size, data_rng))
-    noise = lambda: torch.randn(batch_size, mcfg.z_dim, device=device)
+    data_rng = torch.Generator(device).manual_seed(0)
+
+    def draw_real():  # a real pair (x, y): a batch of images in [-1, 1], no labels
+        idx = torch.randint(len(x), (batch_size,), device=device, generator=data_rng)
+        return common.uint8_to_signed(x[idx]), None
+
+    def draw_noise():  # a noise pair (z, y): z ~ N(0, I), no classes
+        return torch.randn(batch_size, mcfg.z_dim, device=device), None
+
+    def check(**figures):  # as run.check in training: each loss read on the CPU before its update (a GPU sync)
+        assert all(math.isfinite(float(v)) for v in figures.values())
     amp = lambda: common.autocast(device, "auto")  # the scripts' default: bf16 on CUDA, fp32 on the CPU
 
     def step(i):
-        gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg, i, amp)
+        gan.train_iteration(G, D, opt_g, opt_d, draw_real, draw_noise, cfg, check, amp)
         common.ema_update(ema, G, 0.999, i)
     for i in range(5):  # warm-up: allocator, kernels
         step(i)
@@ -84,7 +94,8 @@ def reference_speed(path, steps, warmup=2):
 def speed(args):
     torch.set_num_threads(args.threads)
     device = common.get_device(args.device)
-    result = dict(device=str(device), threads=args.threads, steps=args.steps, ref_steps=args.ref_steps, load_before=open("/proc/loadavg").read().split()[0])
+    result = dict(device=str(device), threads=args.threads, steps=args.steps, ref_steps=args.ref_steps,
+                  load_before=open("/proc/loadavg").read().split()[0])
     for name, gc, dc, bs in (("readme-cpu g32 d32 b64", 32, 32, 64), ("dcgan-width g64 d64 b64", 64, 64, 64)):
         result[name] = round(training_speed(device, args.steps, bs, gc, dc), 1)
         print(f"gan.py training, 28x28, {name}: {result[name]:,.1f} img/s", flush=True)
@@ -103,7 +114,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=50, help="speed: timed iterations of gan.py")
-    p.add_argument("--ref-steps", type=int, default=10, help="speed: timed iterations of the reference (64x64 is slow on a CPU)")
+    p.add_argument("--ref-steps", type=int, default=10,
+                   help="speed: timed iterations of the reference (64x64 is slow on a CPU)")
     p.add_argument("--reference", default="", help="speed: path to a copy of pytorch/examples dcgan/main.py")
     args = p.parse_args()
     speed(args)

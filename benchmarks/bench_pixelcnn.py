@@ -79,8 +79,7 @@ def main():
           f"{10000 * t / args.eval_images:.0f} s)")
 
     for n in args.sizes:
-        sample = lambda fast: P.sample(model, torch.zeros(n, 1, 28, 28, device=device), None,
-                                       torch.Generator(device).manual_seed(0), 0, fast)
+        sample = lambda fast: P.sample(model, n, (1, 28, 28), None, torch.Generator(device).manual_seed(0), fast)
         t_fast, fast = timed(lambda: sample(True), device)
         rows = 28 if n <= args.naive_up_to else args.naive_rows
         first_rows = lambda it, **kwargs: itertools.islice(it, rows)  # in place of the sampler's tqdm over the rows

@@ -100,7 +100,7 @@ def sampling(args, device):
 
     def run(v, start_row, fast):
         start = time.perf_counter()
-        out = pixelrnn.sample(model, v, True, torch.Generator(device).manual_seed(0), start_row, fast=fast)
+        out = pixelrnn.sample_rows(model, v, None, torch.Generator(device).manual_seed(0), start_row, fast=fast)
         sync(device)
         return out, time.perf_counter() - start
 
@@ -113,7 +113,8 @@ def sampling(args, device):
         else:
             first_s = run(v[:, :, :1], 0, False)[1]
             last, last_s = run(fast, 27, False)  # the last row, given the carried sampler's rows above
-            plain_s, how = 28 * (first_s + last_s) / 2, f"estimated from row 0 ({first_s:.1f} s) and row 27 ({last_s:.1f} s)"
+            plain_s = 28 * (first_s + last_s) / 2
+            how = f"estimated from row 0 ({first_s:.1f} s) and row 27 ({last_s:.1f} s)"
             differ = (last != run(fast, 27, True)[0]).sum().item()  # both from the same rows above and numbers
         print(f"sampling {n:5d} images: plain {plain_s:8.1f} s ({how}), carried {fast_s:6.1f} s, "
               f"{plain_s / fast_s:6.1f}x, {differ} pixels differ", flush=True)
@@ -145,12 +146,14 @@ def main():
     for arch in ("row", "diag"):
         mcfg = pixelrnn.ModelConfig(arch=arch, hidden=args.hidden, layers=args.layers, head=args.head)
         model = pixelrnn.build_model(mcfg, (1, 28, 28)).to(device)
-        rows.append(measure(f"pixelrnn {arch}, {args.layers} layer(s), h={args.hidden}", model, lambda m, v: pixelrnn.nll(m, v, True),
-                            lambda m, v: pixelrnn.sample(m, v, True, torch.Generator(device).manual_seed(0)), x, args, device))
+        rows.append(measure(f"pixelrnn {arch}, {args.layers} layer(s), h={args.hidden}", model, pixelrnn.nll,
+                            lambda m, v: pixelrnn.sample_rows(m, v, None, torch.Generator(device).manual_seed(0)),
+                            x, args, device))
         print(json.dumps(rows[-1]), flush=True)
     if pixelcnn is not None:
         model, name = pixelcnn_like(rows[-1]["params"], device)
-        rows.append(measure(name, model, pixelcnn.nll, lambda m, v: pixelcnn.sample(m, v, None, torch.Generator(device).manual_seed(0)),
+        rows.append(measure(name, model, pixelcnn.nll,
+                            lambda m, v: pixelcnn.sample_rows(m, v, None, torch.Generator(device).manual_seed(0)),
                             x, args, device))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| model | parameters | train img/s (batch {args.batch_size}) | NLL eval img/s | "

@@ -1,8 +1,8 @@
-"""Speed of vae.py: training images/s at the classic MLP size (784-400-20, batch 128), the cost of the
-importance-weighted evaluation, and (with --reference) the same training loop of the PyTorch example VAE.
+"""Speed of vae.py: training images/s at the MLP size of the PyTorch example VAE (784-400-20, batch 128), the cost
+of the importance-weighted evaluation, and (with --reference) the same training loop of that example.
 
     python benchmarks/bench_vae.py --device cpu
-    python benchmarks/bench_vae.py --device cpu --reference /tmp/vae_ref/main.py   # a copy of pytorch/examples vae/main.py
+    python benchmarks/bench_vae.py --device cpu --reference /tmp/vae_ref/main.py   # a copy of examples vae/main.py
 
 The reference is timed over one training epoch (60,000 images through its DataLoader of PIL images), called
 as its own train(1) in a subprocess; our loop is timed over the same 469 steps of 128 images. Timings on a
@@ -10,6 +10,7 @@ shared machine vary: run it under `flock /tmp/cpu-measure.lock` and report the l
 """
 import argparse
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -52,15 +53,17 @@ def training_speed(device, steps, batch_size, hidden=400, layers=1, z_dim=20):
     mcfg = vae.ModelConfig(arch="mlp", hidden=hidden, layers=layers, z_dim=z_dim)
     model = vae.build_model(mcfg, (1, 28, 28)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data_rng = common.data_generator(device, 0)
+    rng = torch.Generator(device).manual_seed(0)  # the batches and their binarizations, as run.rng in vae.train
 
-    def step():  # as in vae.train: batch, loss, backward, gradient norm, the finiteness check, the update
-        batch = vae.prepare(model, common.random_batch(x, batch_size, data_rng), data_rng)
+    def step():  # as in vae.train: batch, binarization, loss, backward, gradient norm, the finiteness check, the update
+        idx = torch.randint(len(x), (batch_size,), device=device, generator=rng)  # common.Run.batch
+        batch = common.binarize(x[idx], rng)
         loss, _ = vae.loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-        common.check_finite(0, loss=loss, grad_norm=grad_norm)
+        if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):  # run.check reads both, too
+            raise SystemExit("the loss or the gradient became non-finite")
         opt.step()
     for _ in range(20):  # warm-up: allocator, kernels
         step()
@@ -86,6 +89,11 @@ def iw_cost(device, n_images, k, chunk, hidden=400, layers=1, z_dim=20):
         vae.elbo_and_iw(model, x[i:i + per_batch], k, chunk, rng)
     sync(device)
     return (time.time() - t) / n_images
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def reference_speed(path, threads):
@@ -115,13 +123,14 @@ def main():
     device = common.get_device(args.device)
     size = "-".join(map(str, [784] + [args.hidden] * args.layers + [args.z_dim]))
     result = dict(device=str(device), threads=args.threads, model=f"mlp {size}", batch=args.batch_size)
-    result["train_img_s"] = round(training_speed(device, args.steps, args.batch_size, args.hidden, args.layers, args.z_dim), 1)
+    img_s = training_speed(device, args.steps, args.batch_size, args.hidden, args.layers, args.z_dim)
+    result["train_img_s"] = round(img_s, 1)
     print(f"vae.py training, {size}, batch {args.batch_size}: {result['train_img_s']:,.0f} img/s", flush=True)
     for chunk in (4096, 16384):
         s = iw_cost(device, args.iw_images, args.iw_samples, chunk, args.hidden, args.layers, args.z_dim)
         result[f"iw_s_per_image_chunk{chunk}"] = round(s, 5)
         print(f"IW eval, K={args.iw_samples}, chunk {chunk}: {s * 1000:.1f} ms/image, "
-              f"{common.format_seconds(s * 10000)} for the 10,000 test images", flush=True)
+              f"{format_seconds(s * 10000)} for the 10,000 test images", flush=True)
     if args.reference:
         img_s, seconds = reference_speed(args.reference, args.threads)
         result.update(reference_img_s=round(img_s, 1), reference_epoch_s=round(seconds, 1),

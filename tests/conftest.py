@@ -75,18 +75,18 @@ def small_mnist(tmp_path_factory):
 
 
 def sigint_at(monkeypatch, step):
-    """Send Ctrl-C (SIGINT) to this process right after the progress line of `step` (run with --log-every 1)."""
+    """Send Ctrl-C (SIGINT) to this process as step `step` of a run ends (common.Run.log, the end of every step)."""
     import os
     import signal
 
     import common
-    log = common.Logger.log
+    log = common.Run.log
 
-    def log_then_interrupt(self, s, **figures):
-        log(self, s, **figures)
-        if s == step:
+    def log_then_interrupt(self, figures):
+        log(self, figures)
+        if self.step == step:
             os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(common.Logger, "log", log_then_interrupt)
+    monkeypatch.setattr(common.Run, "log", log_then_interrupt)
 
 
 def same_weights(ckpt_a, ckpt_b, key="model"):

@@ -199,10 +199,14 @@ def test_each_recipe_sets_real_options_within_their_ranges(script, tmp_path, mon
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_plot_redraws_the_curves_of_a_run(script, runs, tmp_path, capsys):
+    """--plot draws curves.png again from log.jsonl: a panel for every figure the run logged, three to a row."""
     run = runs / script
     assert (run / "curves.png").exists()  # written with the run's sample grid
     (run / "curves.png").unlink()
     importlib.import_module(script).main(["--out", str(run), "--plot"])
-    assert (run / "curves.png").stat().st_size > 1000
+    logged = {k for r in common.read_log(run / "log.jsonl") for k in r} - {"step", "img_per_s", "wall_s"}
+    from PIL import Image
+    width, height = Image.open(run / "curves.png").size
+    assert len(logged) >= 2 and (width, height) == (336 * min(3, len(logged)), 224 * -(-len(logged) // 3))
     (tmp_path / "empty").mkdir()
     refuses(script, ["--out", str(tmp_path / "empty"), "--plot"], ["no log.jsonl in"], capsys, tmp_path / "empty")

@@ -62,7 +62,7 @@ import common
 common.get_device("cpu")  # joins the process group under torchrun
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # no BatchNorm
-forward = common.ddp(model)
+forward = torch.nn.parallel.DistributedDataParallel(model) if common.distributed() else model
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 data = torch.Generator().manual_seed(1)
 for step in range(5):

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import common
 import gan
-from conftest import same_weights, sigint_at
 
 MODEL = ["--g-channels", "4", "--d-channels", "4", "--z-dim", "8"]
 RUN = ["--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
@@ -42,7 +41,8 @@ def logit(p):
 # ----------------------------------------------------------------------------- the losses
 
 def test_losses_equal_their_formulas_on_known_D_outputs():
-    d_real, d_fake = torch.tensor([0.9, 0.6, 0.99], dtype=torch.float64), torch.tensor([0.1, 0.3, 0.001], dtype=torch.float64)
+    d_real = torch.tensor([0.9, 0.6, 0.99], dtype=torch.float64)
+    d_fake = torch.tensor([0.1, 0.3, 0.001], dtype=torch.float64)
     lr, lf = logit(d_real), logit(d_fake)
     v = torch.log(d_real).mean() + torch.log(1 - d_fake).mean()  # V(D, G) = E log D(x) + E log(1 - D(G(z)))
     assert gan.d_loss(lr, lf).item() == pytest.approx(-v.item(), rel=1e-12)
@@ -72,7 +72,8 @@ def test_saturating_loss_is_flat_where_D_rejects_fakes_and_non_saturating_is_ste
     assert torch.allclose(g_mm, -bad.double(), rtol=1e-6) and g_mm.abs().max() <= 0.01
     assert torch.allclose(g_ns, -(1 - bad.double()), rtol=1e-6) and g_ns.abs().min() >= 0.99
     good = torch.tensor([0.99])
-    assert grad_wrt_logit(good, "minimax").abs().item() > 0.98 and grad_wrt_logit(good, "non-saturating").abs().item() < 0.02
+    assert grad_wrt_logit(good, "minimax").abs().item() > 0.98
+    assert grad_wrt_logit(good, "non-saturating").abs().item() < 0.02
     # both push the logit up (a negative gradient that G descends), only at very different speeds
     assert (g_mm < 0).all() and (g_ns < 0).all()
 
@@ -81,7 +82,7 @@ def test_saturating_loss_is_flat_where_D_rejects_fakes_and_non_saturating_is_ste
 
 @pytest.mark.parametrize("size,channels", [((28, 28), 1), ((32, 32), 3), ((32, 32), 1), ((28, 28), 3)])
 def test_shapes_and_ranges(size, channels):
-    G, D = gan.build_models(gan.ModelConfig(z_dim=10, g_channels=4, d_channels=4), (channels, *size))
+    G, D = gan.build_model(gan.ModelConfig(z_dim=10, g_channels=4, d_channels=4), (channels, *size))
     x = G(torch.randn(5, 10))
     assert x.shape == (5, channels, *size) and x.min() >= -1 and x.max() <= 1
     assert D(x).shape == (5,)
@@ -89,11 +90,11 @@ def test_shapes_and_ranges(size, channels):
 
 def test_sizes_the_model_cannot_take_are_refused():
     with pytest.raises(common.UsageError, match="multiples of 4"):
-        gan.build_models(gan.ModelConfig(), (1, 30, 30))
+        gan.build_model(gan.ModelConfig(), (1, 30, 30))
 
 
 def test_dcgan_init():
-    G, D = gan.build_models(gan.ModelConfig(g_channels=32, d_channels=32), (1, 28, 28))
+    G, D = gan.build_model(gan.ModelConfig(g_channels=32, d_channels=32), (1, 28, 28))
     w = torch.cat([m.weight.flatten() for m in G.modules() if isinstance(m, nn.ConvTranspose2d)])
     assert w.mean().abs() < 2e-3 and abs(w.std().item() - 0.02) < 1e-3
     bn = [m for m in D.modules() if isinstance(m, nn.BatchNorm2d)][0]
@@ -105,7 +106,7 @@ def test_dcgan_init():
 def tiny_game(seed=0):
     torch.manual_seed(seed)
     cfg = gan.Config(batch_size=8)
-    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4), (1, 28, 28))
+    G, D = gan.build_model(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4), (1, 28, 28))
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.5, 0.999)) for m in (G, D)]
     return cfg, G, D, *opts
 
@@ -122,14 +123,39 @@ def test_a_D_step_changes_no_G_parameter_and_a_G_step_no_D_parameter():
     cfg, G, D, opt_g, opt_d = tiny_game()
     x, z = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 8)
     g0, d0 = snapshot(G), snapshot(D)
-    gan.d_step(G, D, opt_d, x, z)
+    gan.d_step(G, D, opt_d, (x, None), (z, None))  # a real pair (x, y) and a noise pair (z, y), y None: unconditional
     assert same(G, g0) and not same(D, d0)
     assert all(p.grad is None for p in G.parameters())  # not even a gradient reached G
     g0, d0, d_grads = snapshot(G), snapshot(D), [p.grad.clone() for p in D.parameters()]
-    gan.g_step(G, D, opt_g, z, "non-saturating")
+    gan.g_step(G, D, opt_g, (z, None), "non-saturating")
     assert same(D, d0) and not same(G, g0)
     assert all(torch.equal(p.grad, g) for p, g in zip(D.parameters(), d_grads))  # D's weights were frozen: no new grad
     assert all(p.requires_grad for p in D.parameters())  # and unfrozen afterwards
+
+
+def test_each_step_checks_its_loss_after_backward_and_before_its_update():
+    """check(**figures) (train passes run.check, the NaN guard) sees D's loss, then G's, while the weights are still
+    those the loss was computed with; a check that raises leaves them so."""
+    cfg, G, D, opt_g, opt_d = tiny_game()
+    real, noise = (torch.rand(8, 1, 28, 28) * 2 - 1, None), (torch.randn(8, 8), None)
+    seen, g0, d0 = [], snapshot(G), snapshot(D)
+
+    def check(**figures):
+        (name, loss), = figures.items()
+        seen.append((name, loss.item(), same(G, g0) and same(D, d0)))
+    figures = gan.d_step(G, D, opt_d, real, noise, check)
+    g0, d0 = snapshot(G), snapshot(D)
+    figures |= gan.g_step(G, D, opt_g, noise, "minimax", check)
+    assert seen == [("d_loss", figures["d_loss"].item(), True), ("g_loss", figures["g_loss"].item(), True)]
+
+    def diverged(**figures):
+        raise common.UsageError("nan")
+    g0, d0 = snapshot(G), snapshot(D)
+    for step in (lambda: gan.d_step(G, D, opt_d, real, noise, diverged),
+                 lambda: gan.g_step(G, D, opt_g, noise, "minimax", diverged)):
+        with pytest.raises(common.UsageError):
+            step()
+    assert same(G, g0) and same(D, d0) and all(p.requires_grad for p in D.parameters())
 
 
 def test_d_steps_k_gives_k_D_updates_per_G_update(data_dir, tmp_path):
@@ -139,20 +165,33 @@ def test_d_steps_k_gives_k_D_updates_per_G_update(data_dir, tmp_path):
     assert adam_steps(ckpt(out)["opt_d"]) == {6} and adam_steps(ckpt(out)["opt_g"]) == {2}
 
 
+class Unconditional(nn.Module):
+    """A network called as gan.py calls G and D, net(input, y), for a model without classes (y is None)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, inputs, y=None):
+        assert y is None
+        return self.net(inputs)
+
+
 def test_on_toy_2d_data_G_moves_to_the_data():
     """2-D data ~ N((3, -2), 0.3^2 I); small MLPs; G starts near the origin and must bring its samples to the data
     within 300 steps."""
     torch.manual_seed(0)
     target = torch.tensor([3.0, -2.0])
-    G = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
-    D = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Flatten(0))
+    G = Unconditional(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+    D = Unconditional(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Flatten(0))
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in (G, D))
     cfg = types.SimpleNamespace(d_steps=1, g_loss="non-saturating")
-    real, noise = lambda: target + 0.3 * torch.randn(64, 2), lambda: torch.randn(64, 4)
+    draw_real = lambda: (target + 0.3 * torch.randn(64, 2), None)  # a real pair (x, y), no classes
+    draw_noise = lambda: (torch.randn(64, 4), None)  # a noise pair (z, y)
     dist = lambda: (G(torch.randn(2000, 4)).detach().mean(0) - target).norm().item()
     start = dist()
     for _ in range(300):
-        figures = gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg)
+        figures = gan.train_iteration(G, D, opt_g, opt_d, draw_real, draw_noise, cfg)
     assert start > 3 and dist() < 0.6, (start, dist())  # the game oscillates, so the bound leaves it some room
     assert 0.2 < figures["D_x"] < 0.8  # near the equilibrium D cannot tell the two apart (D = 1/2)
 
@@ -162,7 +201,7 @@ def test_on_toy_2d_data_G_moves_to_the_data():
 class InkG(nn.Module):
     """A stand-in generator whose image brightness is set by z_0 alone: tanh(z_0) everywhere."""
 
-    def forward(self, z):
+    def forward(self, z, y=None):
         return torch.tanh(z[:, :1, None, None]).expand(len(z), 1, 4, 4)
 
 
@@ -179,7 +218,7 @@ def test_interpolation_starts_and_ends_at_the_two_samples():
     G = InkG()
     z = torch.randn(16, 6)
     x = gan.interpolation(G, z, rows=8, cols=5).view(8, 5, 1, 4, 4)
-    assert torch.allclose(x[:, 0], gan.generate(G, z[:8])) and torch.allclose(x[:, -1], gan.generate(G, z[8:16]))
+    assert torch.allclose(x[:, 0], gan.sample(G, z[:8])) and torch.allclose(x[:, -1], gan.sample(G, z[8:16]))
 
 
 # ----------------------------------------------------------------------------- the script end to end
@@ -216,17 +255,17 @@ def test_eval_computes_the_value_of_the_game(data_dir, tmp_path):
     """game_value against V(D, G) written out by hand for a G and a D whose outputs are known: D gives every real
     image the logit 2 and every fake the logit -1 (a constant net), whatever G makes."""
     class ConstD(nn.Module):
-        def forward(self, x):  # real images lie in [-1, 1] with some pixel above 0.99; G's fakes are all -1
+        def forward(self, x, y=None):  # real images lie in [-1, 1] with some pixel above 0.99; G's fakes are all -1
             return torch.where(x.flatten(1).amax(1) > 0, 2.0, -1.0)
 
     class BlankG(nn.Module):
         z_dim = 3
 
-        def forward(self, z):
+        def forward(self, z, y=None):
             return -torch.ones(len(z), 1, 28, 28)
 
     x, _ = common.load_dataset("mnist", data_dir, "test")
-    rows = gan.game_value(BlankG(), ConstD(), x, 10, seed=0)
+    rows = gan.game_value(BlankG(), ConstD(), common.uint8_to_signed(x), 10, seed=0)
     d_real, d_fake = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(-1.0))
     v = math.log(d_real) + math.log(1 - d_fake)
     values = list(rows.values())
@@ -235,50 +274,11 @@ def test_eval_computes_the_value_of_the_game(data_dir, tmp_path):
     assert values[3] == pytest.approx(-math.log(d_fake)) and values[4] == pytest.approx(math.log(1 - d_fake))
 
 
-def test_resume_after_ctrl_c_is_exact(data_dir, tmp_path, monkeypatch):
-    """Ctrl-C after step 3 of 6: the iteration finishes, the checkpoint holds step 3, exit 130; --resume then ends
-    bit for bit where a run in one go ends (G, D, the EMA of G), and log.jsonl has one line per step."""
-    run(data_dir, tmp_path / "one-go", "--steps", "6", "--ema")
-    sigint_at(monkeypatch, 3)
-    with pytest.raises(SystemExit) as e:
-        run(data_dir, tmp_path / "resumed", "--steps", "6", "--ema")
-    assert e.value.code == 130 and ckpt(tmp_path / "resumed")["step"] == 3
-    monkeypatch.undo()
-    run(data_dir, tmp_path / "resumed", "--steps", "6", "--ema", "--resume")
-    for net in ("G", "D", "ema"):
-        assert same_weights(tmp_path / "one-go" / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt", net), net
-    assert [r["step"] for r in logged(tmp_path / "resumed")] == list(range(1, 7))
-
-
 def test_cifar_32x32_rgb_trains_and_samples(data_dir, tmp_path):
     out = tmp_path / "c"
     run(data_dir, out, "--steps", "2", "--g-loss", "minimax", model=[*MODEL, "--dataset", "cifar10"])
     mode(data_dir, out, "--sample", "--num-samples", "5")
     assert torch.load(out / "samples.pt").shape == (5, 3, 32, 32)
-
-
-def test_a_diverging_step_is_never_applied_and_resume_goes_on(data_dir, tmp_path, monkeypatch, capsys):
-    """G's loss becomes nan at the 4th iteration: exit 2 before G's update; the checkpoint (--ckpt-every 1) holds
-    step 3, finite; --resume with the loss back to normal ends where a run in one go ends."""
-    run(data_dir, tmp_path / "one-go", "--steps", "6")
-    calls, real_loss = [0], gan.g_loss
-
-    def nan_at_iteration_4(logit, kind):
-        calls[0] += 1
-        return real_loss(logit, kind) * (math.nan if calls[0] == 4 else 1)
-    monkeypatch.setattr(gan, "g_loss", nan_at_iteration_4)
-    out = tmp_path / "nan"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run(data_dir, out, "--steps", "6", "--ckpt-every", "1")
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "g_loss became nan at step 4" in err and "lower --lr" in err and "\n" not in err
-    saved = ckpt(out)
-    assert saved["step"] == 3 and all(torch.isfinite(w).all() for w in saved["G"].values())
-    monkeypatch.undo()
-    run(data_dir, out, "--steps", "6", "--resume")
-    for net in ("G", "D"):
-        assert same_weights(tmp_path / "one-go" / "ckpt.pt", out / "ckpt.pt", net), net
 
 
 # ----------------------------------------------------------------------------- the conditional GAN (--conditional)
@@ -296,15 +296,16 @@ def test_conditional_samples_draw_the_asked_for_class():
     """Trained on `halves` by Algorithm 1 with (x, y) and (z, y) pairs, G(z, 0) (G(z, 1)) must draw the left (right)
     half brighter: the label, through G's conditional BatchNorm and D's projection, sets the class."""
     torch.manual_seed(0)
-    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=8, d_channels=8, conditional=True), (1, 8, 8))
+    G, D = gan.build_model(gan.ModelConfig(z_dim=8, g_channels=8, d_channels=8, conditional=True), (1, 8, 8))
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in (G, D))
     cfg, rng = types.SimpleNamespace(d_steps=1, g_loss="non-saturating"), torch.Generator().manual_seed(0)
-    real, noise = lambda: halves(64, rng), lambda: (torch.randn(64, 8), torch.randint(0, 2, (64,)))
+    draw_real = lambda: halves(64, rng)  # a real pair (x, y): images and their classes
+    draw_noise = lambda: (torch.randn(64, 8), torch.randint(0, 2, (64,)))  # a noise pair (z, y): the fakes' classes
     for _ in range(300):
-        gan.train_iteration(G, D, opt_g, opt_d, real, noise, cfg)
+        gan.train_iteration(G, D, opt_g, opt_d, draw_real, draw_noise, cfg)
     z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     for label in (0, 1):
-        x = gan.generate(G, z, torch.full((64,), label))
+        x = gan.sample(G, z, torch.full((64,), label))
         left_brighter = x[..., :4].mean((1, 2, 3)) > x[..., 4:].mean((1, 2, 3))
         assert (left_brighter == (label == 0)).float().mean() >= 0.9, label
 
@@ -313,7 +314,7 @@ def test_projection_discriminator_adds_embed_y_dot_phi_x():
     """l(x, y) = psi(phi(x)) + embed(y)^T phi(x), with phi(x) the input of D's last layer and psi(phi(x)) its output
     (read by a hook, not by D's own code): so l(x, y) - l(x, y') = (embed(y) - embed(y'))^T phi(x)."""
     torch.manual_seed(0)
-    G, D = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
+    G, D = gan.build_model(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
     nn.init.normal_(D.embed.weight)  # zero at first; any weights must do
     for e in G.embed:  # so are G's class scales and shifts
         nn.init.normal_(e.weight)
@@ -332,21 +333,24 @@ def test_projection_discriminator_adds_embed_y_dot_phi_x():
 
 
 def test_conditional_batchnorm_scales_and_shifts_each_class():
-    """After each of G's BatchNorms, h (1 + gamma_y) + beta_y: read by hooks, class by class."""
+    """After each of G's two BatchNorms, h (1 + gamma_y) + beta_y: read by hooks, class by class."""
     torch.manual_seed(0)
-    G, _ = gan.build_models(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
+    G, _ = gan.build_model(gan.ModelConfig(z_dim=8, g_channels=4, d_channels=4, conditional=True), (1, 28, 28))
     for e in G.embed:
         nn.init.normal_(e.weight)
     G.eval()
     norms = [m for m in G.net if isinstance(m, nn.BatchNorm2d)]
     outs, ins = [], []
-    norms[0].register_forward_hook(lambda m, i, o: outs.append(o.clone()))
-    relu = G.net[list(G.net).index(norms[0]) + 1]  # the next layer (an in-place ReLU): what it is given, before it acts
-    relu.register_forward_pre_hook(lambda m, i: ins.append(i[0].clone()))
+    for norm in norms:
+        norm.register_forward_hook(lambda m, i, o: outs.append(o.clone()))
+        relu = G.net[list(G.net).index(norm) + 1]  # the next layer (an in-place ReLU): what it is given, before it acts
+        relu.register_forward_pre_hook(lambda m, i: ins.append(i[0].clone()))
     y = torch.tensor([0, 3, 9])
     G(torch.randn(3, 8), y)
-    gamma, beta = G.embed[0].weight[y].chunk(2, 1)
-    torch.testing.assert_close(ins[0], outs[0] * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+    assert len(norms) == len(G.embed) == len(outs) == len(ins) == 2
+    for embed, out, seen in zip(G.embed, outs, ins):
+        gamma, beta = embed.weight[y].chunk(2, 1)
+        torch.testing.assert_close(seen, out * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
 
 
 @pytest.mark.usefixtures("one_thread")  # conftest.py: a second thread only waits here

@@ -1,6 +1,7 @@
 """Tests of pixelcnn.py: causality of the masks and of the whole networks, the blind spot, normalisation, the chain
 rule, learning on toy data, conditioning, the fast sampler against the naive one, and the script's runs and modes.
-(Bad input common to the five scripts is tested in test_cli.py.)"""
+(Bad input common to the five scripts is tested in test_cli.py; Ctrl-C and resume, a NaN loss and a failing grid in
+test_harness.py.)"""
 import collections
 import itertools
 import json
@@ -11,7 +12,7 @@ import torch
 
 import common
 import pixelcnn as P
-from conftest import same_weights, sigint_at
+from conftest import same_weights
 
 
 def dependencies(f, shape, binary):
@@ -108,6 +109,20 @@ def test_pixel_nll_is_the_chain_rule_sum():
     assert torch.allclose(P.pixel_nll(blog, xb, binary=True), want_b, atol=1e-4)
 
 
+@pytest.mark.parametrize("colors", [1, 3])
+def test_the_loss_is_the_mean_nll_and_bits_per_dim_its_share_per_sub_pixel(colors):
+    """loss = mean_b -log p(x_b) in nats; for colour, bits_per_dim = nats / (C H W ln 2); figures detached."""
+    model = net("gated", colors)
+    x = torch.randint(0, 2 if colors == 1 else 256, (3, colors, 5, 4)).float()
+    loss, figures = P.loss_fn(model, x)
+    assert torch.allclose(loss, P.nll(model, x).mean()) and loss.requires_grad
+    assert not figures["nll"].requires_grad and figures["nll"] == loss.detach()
+    if colors == 1:
+        assert figures.keys() == {"nll"}
+    else:
+        assert figures["bits_per_dim"].item() == pytest.approx(loss.item() / (3 * 5 * 4 * math.log(2)), rel=1e-6)
+
+
 def test_nll_is_the_chain_rule_of_the_sampler_conditionals():
     """-log p(x) from one pass equals -sum_i log p(x_i | x_<i) read off pass i of the sampler (8-bit, colour)."""
     model = net("plain", 3)
@@ -172,7 +187,7 @@ def test_conditional_samples_follow_the_label():
     model = net("gated", 1, ch=24, layers=2, conditional=True)
     fit(model, 100, conditional=True)
     y = torch.tensor([0] * 8 + [1] * 8)
-    x = P.sample(model.eval(), torch.zeros(16, 1, 8, 8), y, torch.Generator().manual_seed(1))[:, 0]
+    x = P.sample(model.eval(), 16, (1, 8, 8), y, torch.Generator().manual_seed(1))[:, 0]
     rows_constant = (x == x[:, :, :1]).flatten(1).float().mean(1)  # horizontal stripes: every row is one value
     cols_constant = (x == x[:, :1, :]).flatten(1).float().mean(1)
     follows = torch.where(y == 0, rows_constant > cols_constant, cols_constant > rows_constant)
@@ -187,7 +202,7 @@ def test_fast_sampler_gives_exactly_the_naive_samples(arch, colors, conditional,
     shape = (2, colors, 7, 4)
     x0 = torch.randint(0, 2 if colors == 1 else 256, shape).float()  # rows < start_row are kept (completion)
     y = torch.tensor([1, 2]) if conditional else None
-    sample = lambda fast: P.sample(model, x0, y, torch.Generator().manual_seed(0), start_row, fast)
+    sample = lambda fast: P.sample_rows(model, x0, y, torch.Generator().manual_seed(0), start_row, fast)
     naive, fast = sample(False), sample(True)
     assert torch.equal(naive, fast)
     assert torch.equal(fast[:, :, :start_row], x0[:, :, :start_row])
@@ -201,7 +216,7 @@ def sampled_with_logits(monkeypatch, model, x0, y, start_row, fast):
         seen.append(logits.clone())
         return draw(logits, binary, rng)
     monkeypatch.setattr(P, "sample_pixel", recording)
-    x = P.sample(model, x0, y, torch.Generator().manual_seed(0), start_row, fast)
+    x = P.sample_rows(model, x0, y, torch.Generator().manual_seed(0), start_row, fast)
     monkeypatch.setattr(P, "sample_pixel", draw)
     return x, torch.stack(seen)
 
@@ -307,23 +322,6 @@ def test_a_model_flag_that_disagrees_with_the_checkpoint_names_it(small_mnist, t
     assert e.value.code == 2 and err.count("\n") == 1 and "--channels 12" in err and "(now 24)" in err
 
 
-def test_ctrl_c_then_resume_is_bit_identical_to_one_go(small_mnist, tmp_path, monkeypatch):
-    one_go, interrupted = tmp_path / "a", tmp_path / "b"
-    args = ["--steps", "6", "--sample-every", "2", "--ckpt-every", "4"]
-    run(args, small_mnist, one_go)
-    with monkeypatch.context() as m:
-        sigint_at(m, 3)
-        with pytest.raises(SystemExit) as e:
-            run(args, small_mnist, interrupted)
-    assert e.value.code == 130
-    assert torch.load(interrupted / "ckpt.pt", weights_only=True)["step"] == 3
-    run(args + ["--resume"], small_mnist, interrupted)
-    assert same_weights(one_go / "ckpt.pt", interrupted / "ckpt.pt", "model")
-    adam = [torch.load(run / "ckpt.pt", weights_only=True)["opt"]["state"] for run in (one_go, interrupted)]
-    assert all(torch.equal(adam[0][p][k], adam[1][p][k]) for p in adam[0] for k in adam[0][p])  # step, moments
-    assert log_steps(interrupted) == [1, 2, 3, 4, 5, 6]
-
-
 def test_sampling_during_training_leaves_the_training_rng_alone(small_mnist, tmp_path):
     run(["--steps", "4", "--sample-every", "1"], small_mnist, tmp_path / "a")
     run(["--steps", "4", "--sample-every", "1000"], small_mnist, tmp_path / "b")
@@ -332,36 +330,16 @@ def test_sampling_during_training_leaves_the_training_rng_alone(small_mnist, tmp
     assert torch.equal(a["rng_data"], b["rng_data"]) and torch.equal(a["rng_cpu"], b["rng_cpu"])  # torch's own RNG too
 
 
-def test_a_non_finite_loss_stops_before_the_update_and_resume_finishes(small_mnist, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    loss_fn, calls = P.loss_fn, []
-
-    def nan_at_the_fourth_step(*a):
-        loss, figures = loss_fn(*a)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 4 else loss), figures
-    with monkeypatch.context() as m:
-        m.setattr(P, "loss_fn", nan_at_the_fourth_step)
-        with pytest.raises(SystemExit) as e:
-            run(["--steps", "6", "--ckpt-every", "1"], small_mnist, out)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "loss became nan at step 4" in err and "--resume" in err
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())  # the last finite step
-    run(["--steps", "6", "--ckpt-every", "1", "--resume"], small_mnist, out)
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
-    assert log_steps(out) == [1, 2, 3, 4, 5, 6]
-
-
-def test_failing_pictures_and_evaluation_cost_no_trained_steps(small_mnist, tmp_path, monkeypatch, capsys):
+def test_a_failing_end_of_run_nll_costs_no_trained_steps(small_mnist, tmp_path, monkeypatch, capsys):
+    """The exact test NLL is run.finish's final(): if it fails, one warning, and the trained steps are kept.
+    (A failing sample grid, Ctrl-C and resume, and a NaN loss: tests/test_harness.py, for all five scripts.)"""
     def broken(*a, **k):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(P, "sample", broken)
     monkeypatch.setattr(P, "mean_nll", broken)
     out = tmp_path / "run"
-    run(["--steps", "3", "--sample-every", "1"], small_mnist, out)
+    run(["--steps", "3"], small_mnist, out)
     text = capsys.readouterr().out
-    assert "warning: the sample grid failed" in text and "warning: the test NLL failed" in text and "done:" in text
+    assert "warning: the evaluation on test data failed" in text and "done:" in text
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3 and log_steps(out) == [1, 2, 3]
 
 

@@ -1,6 +1,7 @@
 """Tests of pixelrnn.py: skew, causality of every layer and of the whole network (grey and colour, with and without
-a class), the receptive fields the paper describes, normalization on tiny images, a short toy run, class-conditional
-samples, and the CLI."""
+a class), the receptive fields the paper describes, normalization on tiny images, the samplers, a short toy run,
+class-conditional samples, the CLI, and the copies of MaskedConv2d and the pixel helpers in pixelcnn.py and
+pixelrnn.py, equal in behaviour. Ctrl-C and resume, divergence and failing pictures: tests/test_harness.py."""
 import itertools
 import json
 import math
@@ -12,7 +13,6 @@ from PIL import Image
 
 import pixelcnn
 import pixelrnn as P
-from conftest import same_weights, sigint_at
 
 
 def raster(t):
@@ -36,7 +36,8 @@ def network_jacobian(model, colors, H, W, seed=0, y=None):
     torch.manual_seed(seed)
     model = model.double()
     levels = torch.randn(model.output[-1].out_channels // colors, dtype=torch.float64)  # mix a pixel's logits
-    return jacobian(lambda x: (model(x, y) * levels[:, None, None]).sum(2), torch.rand(1, colors, H, W, dtype=torch.float64))
+    return jacobian(lambda x: (model(x, y) * levels[:, None, None]).sum(2),
+                    torch.rand(1, colors, H, W, dtype=torch.float64))
 
 
 def layer_jacobian(layer, colors, ch_in, h, H, W):
@@ -46,7 +47,7 @@ def layer_jacobian(layer, colors, ch_in, h, H, W):
     layer = layer.double()
     lift = torch.randn(ch_in, dtype=torch.float64)[None, :, None, None]
     mix = torch.randn(h, dtype=torch.float64)[None, :, None, None]
-    f = lambda x: (layer(x.repeat_interleave(ch_in // colors, 1) * lift) * mix).view(1, colors, h // colors, H, W).sum(2)
+    f = lambda x: (layer(x.repeat_interleave(ch_in // colors, 1) * lift) * mix).view(1, colors, -1, H, W).sum(2)
     return jacobian(f, torch.rand(1, colors, H, W, dtype=torch.float64))
 
 
@@ -126,7 +127,8 @@ def test_row_lstm_network_sees_the_triangle_and_misses_the_rest():
     predicted = field[:, :W].reshape(H * W, H * W)
     assert torch.equal(J != 0, predicted)
     missed = torch.tril(~predicted, -1).view(H, W, H, W)
-    assert missed[H - 1, 0, H - 2, W - 1] and missed[H - 1, W - 1, H - 1, 0]  # far right of the row above; far left in its row
+    assert missed[H - 1, 0, H - 2, W - 1]  # the far right of the row above
+    assert missed[H - 1, W - 1, H - 1, 0]  # the far left of its own row
     assert not missed[H - 1, W // 2, H - 2, W // 2 + 1]  # inside the triangle
 
 
@@ -146,9 +148,8 @@ def test_probabilities_of_all_2x2_binary_images_sum_to_one(arch):
     torch.manual_seed(0)
     model = P.PixelRNN(arch, 1, True, 4, 2, 8).double()
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64).view(16, 1, 2, 2)
-    p = torch.exp(-P.nll(model, images, True))
-    # 1e-6, not 1e-12: common.pixel_nll casts binary targets to float32, so the BCE is float32 precise
-    assert abs(p.sum().item() - 1) < 1e-6 and len(set(p.tolist())) > 8  # normalized, and not uniform
+    p = torch.exp(-P.nll(model, images))  # pixel_nll casts the targets to the logits' float64: double precise
+    assert abs(p.sum().item() - 1) < 1e-12 and len(set(p.tolist())) > 8  # normalized, and not uniform
 
 
 def test_probabilities_of_all_1x2_8bit_images_sum_to_one():
@@ -156,7 +157,7 @@ def test_probabilities_of_all_1x2_8bit_images_sum_to_one():
     model = P.PixelRNN("diag", 1, False, 4, 1, 8).double()
     a, b = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
     images = torch.stack([a, b], -1).view(-1, 1, 1, 2).to(torch.uint8)
-    log_p = torch.cat([-P.nll(model, images[i:i + 8192], False) for i in range(0, len(images), 8192)])
+    log_p = torch.cat([-P.nll(model, images[i:i + 8192]) for i in range(0, len(images), 8192)])
     assert abs(torch.logsumexp(log_p, 0).item()) < 1e-9
 
 
@@ -182,8 +183,10 @@ def test_smoke_resume_eval_on_binarized_mnist(data_dir, tmp_path):
     for name in ("config.json", "log.jsonl", "ckpt.pt", "eval.json"):
         assert (out / name).exists()
     P.main(args + ["--steps", "4", "--resume"])
-    result = P.main(["--data-dir", str(data_dir), "--out", str(out), "--eval"])  # no model flag: the checkpoint has them
-    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4] and all(math.isfinite(e["nll_nats"]) for e in read_log(out))
+    result = P.main(["--data-dir", str(data_dir), "--out", str(out), "--eval"])  # no model flag: the checkpoint's
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["nll_nats"]) and e["bits_per_dim"] == pytest.approx(e["nll_nats"] / (784 * math.log(2)))
+               for e in read_log(out))
     assert result == read_eval(out) and result["images"] == 64 and math.isfinite(result["exact NLL (nats/image)"])
     nats, bits = result["exact NLL (nats/image)"], result["exact NLL (bits/dim)"]
     assert bits == pytest.approx(nats / (784 * math.log(2)))
@@ -218,46 +221,65 @@ def test_a_grey_folder_is_binarized_like_mnist(tmp_path):
     assert state["output.3.weight"].shape[0] == 1  # one logit per pixel, not 256
 
 
-def test_ctrl_c_then_resume_is_exactly_the_one_go_run(data_dir, tmp_path, monkeypatch):
-    args = ["--data-dir", str(data_dir), "--arch", "diag", "--sample-every", "1000", *TINY, "--steps", "5"]
-    P.main(args + ["--out", str(tmp_path / "a")])
-    sigint_at(monkeypatch, 3)
-    with pytest.raises(SystemExit) as e:
-        P.main(args + ["--out", str(tmp_path / "b")])
-    assert e.value.code == 130 and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
-    monkeypatch.undo()
-    P.main(args + ["--out", str(tmp_path / "b"), "--resume"])
-    assert same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt", "model")
-    assert [e["step"] for e in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5]
+# ----------------------------------------------------------------------------- the copies shared with pixelcnn.py
 
-
-def test_a_nan_stops_before_the_step_and_the_checkpoint_stays_finite(data_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "nan"
-    args = ["--data-dir", str(data_dir), "--out", str(out), "--arch", "row", "--sample-every", "1000", *TINY,
-            "--ckpt-every", "1", "--steps", "5"]
-    nll, calls = P.nll, []
-
-    def nan_on_the_4th_call(model, v, binary, y=None):
-        calls.append(1)
-        return nll(model, v, binary, y) * (float("nan") if len(calls) == 4 else 1)
-    monkeypatch.setattr(P, "nll", nan_on_the_4th_call)
-    with pytest.raises(SystemExit) as e:
-        P.main(args)
-    assert e.value.code == 2 and "the loss became nan at step 4" in capsys.readouterr().err
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    monkeypatch.undo()
-    P.main(args + ["--resume"])
-    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4, 5]
+def twin_convs(kernel, mask, colors, seed=0):
+    """The same MaskedConv2d from each script, with the same (random) weight and bias; each keeps its own mask."""
+    torch.manual_seed(seed)
+    ours = P.MaskedConv2d(2 * colors, 3 * colors, kernel, mask, colors).double()
+    theirs = pixelcnn.MaskedConv2d(2 * colors, 3 * colors, kernel, mask, colors).double()
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight)
+        theirs.bias.copy_(ours.bias)
+    return ours, theirs
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5, 7, (1, 3), (3, 1)])
 @pytest.mark.parametrize("mask", ["A", "B"])
 @pytest.mark.parametrize("colors", [1, 3])
-def test_the_masked_convolution_is_pixelcnns_own(kernel, mask, colors):
-    """pixelrnn.py keeps its own copy of MaskedConv2d, so that it stands alone; this keeps the copies identical."""
-    ours, theirs = (m.MaskedConv2d(2 * colors, 3 * colors, kernel, mask, colors) for m in (P, pixelcnn))
+def test_the_masked_convolutions_of_both_scripts_compute_the_same(kernel, mask, colors):
+    """pixelrnn.py keeps its own copy of MaskedConv2d, so that it stands alone: the same masks, and with the same
+    weights the same outputs on the same input, at every position (and conv_at's, at a few)."""
+    ours, theirs = twin_convs(kernel, mask, colors)
     assert torch.equal(ours.mask, theirs.mask)
+    x = torch.randn(2, 2 * colors, 6, 5, dtype=torch.float64)
+    assert torch.equal(ours(x), theirs(x)) and ours(x).shape == (2, 3 * colors, 6, 5)
+    cache = torch.nn.functional.pad(x, (P.PAD,) * 4)  # the carried and cached samplers' input caches
+    assert P.PAD == pixelcnn.PAD == 3
+    for r, c in [(0, 0), (2, 3), (5, 4), (5, 0)]:
+        at = P.conv_at(ours, cache, r, c)
+        assert torch.equal(at, pixelcnn.conv_at(theirs, cache, r, c))
+        assert torch.allclose(at[:, :, 0, 0], ours(x)[:, :, r, c], atol=1e-12)  # the whole map's value there
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("colors", [1, 3])
+def test_the_pixel_helpers_of_both_scripts_compute_the_same(binary, colors):
+    """pixel_levels, pixel_logits, pixel_nll, sample_pixel (the same values from the same seeded generator),
+    scale_input and levels_to_unit of the two scripts, on the same inputs."""
+    torch.manual_seed(colors)
+    levels = P.pixel_levels(binary)
+    assert levels == pixelcnn.pixel_levels(binary) == (1 if binary else 256)
+    out = 3 * torch.randn(4, colors * levels, 3, 5)  # a network's output
+    logits = P.pixel_logits(out, colors, binary)
+    assert torch.equal(logits, pixelcnn.pixel_logits(out, colors, binary)) and logits.shape == (4, colors, levels, 3, 5)
+    x = (torch.rand(4, colors, 3, 5) < 0.5).float() if binary else torch.randint(0, 256, (4, colors, 3, 5))
+    nll = P.pixel_nll(logits, x, binary)
+    assert torch.equal(nll, pixelcnn.pixel_nll(logits, x, binary)) and nll.shape == (4,)
+    if binary:  # -log sigmoid(+-logit), summed over the sub-pixels: the Bernoulli NLL written out
+        expected = -torch.nn.functional.logsigmoid(torch.where(x == 1, 1.0, -1.0) * logits[:, :, 0])
+    else:  # -log softmax at the target level
+        expected = -torch.log_softmax(logits, 2).gather(2, x.long()[:, :, None])[:, :, 0]
+    assert torch.allclose(nll, expected.flatten(1).sum(1), atol=1e-4)
+    ours, theirs = (m.sample_pixel(logits, binary, torch.Generator().manual_seed(5)) for m in (P, pixelcnn))
+    assert torch.equal(ours, theirs) and ours.shape == x.shape and set(ours.unique().tolist()) <= set(range(256))
+    for values in (x.float(), x.to(torch.float64)):
+        assert torch.equal(P.scale_input(values, binary), pixelcnn.scale_input(values, binary))
+        assert P.scale_input(values, binary).dtype == values.dtype  # the dtype is x's
+        assert torch.equal(P.levels_to_unit(values, binary), pixelcnn.levels_to_unit(values, binary))
+    ends = torch.tensor([0.0, 1.0]) if binary else torch.tensor([0.0, 255.0])
+    assert torch.equal(P.scale_input(ends, binary), torch.tensor([-1.0, 1.0]))  # [-1, 1]
+    assert torch.equal(P.levels_to_unit(ends, binary), torch.tensor([0.0, 1.0]))  # [0, 1]
 
 
 def test_sampler_draws_from_the_model(tmp_path):
@@ -265,9 +287,9 @@ def test_sampler_draws_from_the_model(tmp_path):
     torch.manual_seed(0)
     model = P.PixelRNN("diag", 1, True, 4, 1, 8)
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4))).view(16, 1, 2, 2)
-    p = torch.exp(-P.nll(model, images, True)).detach()
+    p = torch.exp(-P.nll(model, images)).detach()
     n = 20000
-    v = P.sample(model, torch.zeros(n, 1, 2, 2), True, torch.Generator().manual_seed(0))
+    v = P.sample(model, n, (1, 2, 2), None, torch.Generator().manual_seed(0))
     counts = torch.bincount((v.view(n, 4) * torch.tensor([8.0, 4, 2, 1])).sum(1).long(), minlength=16)
     assert (counts / n - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
 
@@ -276,26 +298,29 @@ def test_sampler_draws_from_the_model(tmp_path):
 @pytest.mark.parametrize("colors", [1, 3])
 @pytest.mark.parametrize("start_row,conditional", [(0, False), (4, False), (2, True)])
 def test_carried_sampler_draws_from_the_plain_samplers_logits(arch, colors, start_row, conditional, monkeypatch):
-    """sample_carried gives exactly the plain sampler's images for the same random numbers, and every logit it
-    draws from is the plain sampler's (to float rounding): a wrong carried state would show here even where a
-    random net's near-1/2 probabilities let the images agree by luck. Biases are large, so that caches matter;
-    a conditional net draws three classes, its label embeddings perturbed too, so a class bias left out shows."""
+    """sample_rows(fast=True), sample_carried, gives exactly the plain sampler's images for the same random
+    numbers, and every logit it draws from is the plain sampler's (to float rounding): a wrong carried state would
+    show here even where a random net's near-1/2 probabilities let the images agree by luck. Biases are large, so
+    that caches matter; a conditional net draws three classes, its label embeddings perturbed too, so a class bias
+    left out shows."""
     torch.manual_seed(colors)
     model = P.PixelRNN(arch, colors, colors == 1, 6, 2, 12, conditional).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
     y = torch.tensor([1, 2, 7]) if conditional else None
-    given = P.sample(model, torch.zeros(3, colors, 9, 7), colors == 1, torch.Generator().manual_seed(9), fast=False, y=y)
+    given = P.sample(model, 3, (colors, 9, 7), y, torch.Generator().manual_seed(9), fast=False)
     drawn, plain_sample_pixel = {True: [], False: []}, P.sample_pixel
     for fast in (False, True):
-        monkeypatch.setattr(P, "sample_pixel", lambda l, b, g, fast=fast: drawn[fast].append(l) or plain_sample_pixel(l, b, g))
-        images = P.sample(model, given, colors == 1, torch.Generator().manual_seed(1), start_row, fast=fast, y=y)
+        monkeypatch.setattr(P, "sample_pixel",
+                            lambda l, b, g, fast=fast: drawn[fast].append(l) or plain_sample_pixel(l, b, g))
+        images = P.sample_rows(model, given, y, torch.Generator().manual_seed(1), start_row, fast=fast)
         drawn[fast].append(images)
     assert torch.equal(drawn[True].pop(), drawn[False].pop())  # the images
     assert len(drawn[True]) == len(drawn[False]) == (9 - start_row) * 7 * colors  # one draw per sub-pixel
     for fast_logits, plain_logits in zip(drawn[True], drawn[False]):
-        assert fast_logits.shape == plain_logits.shape and torch.allclose(fast_logits, plain_logits, atol=1e-5, rtol=1e-5)
+        assert fast_logits.shape == plain_logits.shape
+        assert torch.allclose(fast_logits, plain_logits, atol=1e-5, rtol=1e-5)
 
 
 def halves(y, size=6):
@@ -316,13 +341,13 @@ def test_conditional_samples_follow_the_label(arch):
     rng = torch.Generator().manual_seed(0)
     for _ in range(50):
         y = torch.randint(0, 2, (32,), generator=rng)
-        loss = P.nll(model, halves(y), True, y).mean()
+        loss = P.nll(model, halves(y), y).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     y = torch.tensor([0] * 10 + [1] * 10)
     for fast in (True, False):
-        x = P.sample(model.eval(), torch.zeros(20, 1, 6, 6), True, torch.Generator().manual_seed(1), fast=fast, y=y)
+        x = P.sample(model.eval(), 20, (1, 6, 6), y, torch.Generator().manual_seed(1), fast=fast)
         left, right = x[:, 0, :, :3].mean((1, 2)), x[:, 0, :, 3:].mean((1, 2))
         assert torch.where(y == 0, left > right, right > left).float().mean() >= 0.9
 
@@ -368,10 +393,3 @@ def test_receptive_field_picture_shows_the_two_fields(tmp_path):
         assert torch.equal(seen, field)
         assert not (seen & ~earlier).any()  # never the future
         assert (seen == earlier).all() if arch == "diag" else (earlier & ~seen).sum() > 50
-
-
-def test_learning_rate_is_a_cosine_over_steps_or_minutes():
-    cfg = P.Config(lr=1.0, steps=100)
-    assert [P.learning_rate(cfg, s, 0) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
-    timed = P.Config(lr=1.0, steps=10 ** 6, max_minutes=10)
-    assert P.learning_rate(timed, 10, 5.0) == pytest.approx(0.5)  # half the minutes: half the peak

@@ -23,6 +23,25 @@ def test_frechet_distance_of_two_gaussians_is_the_closed_form():
     assert Q.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_with_correlated_features_is_the_closed_form():
+    """Non-diagonal covariances S1 = A A^T, S2 = B B^T: Tr (S1 S2)^(1/2) = sum sqrt(eig(S1 S2)), computed here from
+    the eigenvalues of the non-symmetric product (another route than quality.py's). A formula that read only the
+    diagonals would give ||mu||^2 + sum (sqrt(s1_ii) - sqrt(s2_ii))^2, far from it."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.5, 0.0], [-0.4, 0.3, 0.8]], dtype=torch.float64)
+    B = torch.tensor([[1.5, 0.0, 0.0], [-1.0, 0.7, 0.0], [0.2, 0.9, 0.4]], dtype=torch.float64)
+    mu = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    s1, s2 = A @ A.T, B @ B.T
+    tr_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    expected = (mu ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt
+    diagonal_only = (mu ** 2).sum() + ((s1.diagonal().sqrt() - s2.diagonal().sqrt()) ** 2).sum()
+    assert abs(expected - diagonal_only) > 1.0  # the test tells the two apart
+    a = torch.randn(400_000, 3, generator=g, dtype=torch.float64) @ A.T
+    b = torch.randn(400_000, 3, generator=g, dtype=torch.float64) @ B.T + mu
+    assert Q.frechet_distance(a, b) == pytest.approx(expected.item(), rel=0.02)
+    assert Q.frechet_distance(a, b) == pytest.approx(Q.frechet_distance(b, a), rel=1e-9)  # symmetric
+
+
 def test_precision_and_recall_follow_the_knn_manifolds():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(500, 8, generator=g)

@@ -1,0 +1,197 @@
+"""The promises of a training run (common.Run), kept once for all five scripts and tested here once, looped over
+them: Ctrl-C then --resume is the run in one go, bit for bit; a diverging step is never applied, the message says
+what the checkpoint holds, and --resume goes on; a failing picture costs no trained step. Tiny models on 8x8 digits."""
+import importlib
+import itertools
+import json
+import signal
+
+import pytest
+import torch
+
+import common
+from conftest import sigint_at
+from test_cli import TINY  # a model small enough that a step takes milliseconds
+
+SCRIPTS = ["ddpm", "vae", "gan", "pixelcnn", "pixelrnn"]
+RUN = ["--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "2", "--num-samples", "4",
+       "--device", "cpu", "--precision", "fp32"]
+LOSS = {"ddpm": "loss_fn", "vae": "loss_fn", "gan": "g_loss", "pixelcnn": "loss_fn", "pixelrnn": "loss_fn"}
+
+
+def train(script, data_dir, out, *args):
+    return importlib.import_module(script).main([*TINY[script], *RUN, "--data-dir", str(data_dir), "--out", str(out),
+                                                 *map(str, args)])
+
+
+def ckpt(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def tensors(state):
+    """Every tensor in a checkpoint's state dicts (models, EMA, optimizers), by its path: what resuming must restore."""
+    if torch.is_tensor(state):
+        return {"": state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return {f"{k}/{p}": t for k, v in items for p, t in tensors(v).items()}
+
+
+def same_state(a, b):
+    """Two checkpoints whose models, EMA and optimizer states are equal bit for bit (their random states may differ:
+    a run saved at its end has drawn on)."""
+    keep = lambda c: tensors({k: v for k, v in c.items() if k not in ("rng", "run_config")})
+    ta, tb = keep(a), keep(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def logged_steps(out):
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def nan_on_call(monkeypatch, module, name, n):
+    """Make module.name (a loss) return nan from its n-th call on: a diverging run."""
+    real, calls = getattr(module, name), []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        nan = float("nan") if len(calls) >= n else 1.0
+        return (value[0] * nan, *value[1:]) if isinstance(value, tuple) else value * nan
+    monkeypatch.setattr(module, name, diverging)
+
+
+@pytest.fixture(scope="module")
+def one_go(small_mnist, tmp_path_factory):
+    """one_go(script): the folder of the script's tiny run of 6 steps in one go, trained once."""
+    root = tmp_path_factory.mktemp("one-go")
+
+    def folder(script):
+        if not (root / script / "ckpt.pt").exists():
+            train(script, small_mnist, root / script, "--steps", 6)
+        return root / script
+    return folder
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_then_resume_is_the_run_in_one_go(script, one_go, small_mnist, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 3 of 6: the step finishes, the checkpoint holds step 3, exit 130; --resume then ends where
+    the run in one go ends, every weight and optimizer state bit for bit, and log.jsonl has one line per step."""
+    out = tmp_path / "run"
+    sigint_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        train(script, small_mnist, out, "--steps", 6)
+    assert e.value.code == 130 and ckpt(out)["step"] == 3
+    assert "interrupted: checkpoint saved at step 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put Python's handler back
+    monkeypatch.undo()
+    train(script, small_mnist, out, "--steps", 6, "--resume")
+    assert ckpt(out)["step"] == 6 and same_state(ckpt(out), ckpt(one_go(script)))
+    assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_diverging_step_is_never_applied_and_resume_goes_on(script, one_go, small_mnist, tmp_path, monkeypatch,
+                                                               capsys):
+    """The loss turns nan at the 4th step (step index 3): exit 2 before its update, one line that names the last
+    checkpoint (--ckpt-every 1): step 2, whose weights gave a finite loss; for the GAN step 3, saved after the D loss
+    of iteration 3 was found finite, before its G loss. --resume with the loss healed ends as the run in one go."""
+    module, out = importlib.import_module(script), tmp_path / "nan"
+    nan_on_call(monkeypatch, module, LOSS[script], 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train(script, small_mnist, out, "--steps", 6, "--ckpt-every", 1)
+    err, saved = capsys.readouterr().err.strip(), 3 if script == "gan" else 2
+    assert e.value.code == 2 and "\n" not in err and "became nan at step 4, before its update" in err, err
+    assert f"the checkpoint holds step {saved}: lower --lr and --resume" in err
+    assert ckpt(out)["step"] == saved and all(torch.isfinite(t).all() for t in tensors(ckpt(out)).values()
+                                               if t.is_floating_point())
+    monkeypatch.undo()
+    train(script, small_mnist, out, "--steps", 6, "--resume")
+    assert same_state(ckpt(out), ckpt(one_go(script))) and logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_that_diverges_before_its_first_checkpoint_says_so_and_may_start_again(script, small_mnist, tmp_path,
+                                                                                     monkeypatch, capsys):
+    module, out = importlib.import_module(script), tmp_path / "nan"
+    nan_on_call(monkeypatch, module, LOSS[script], 1)
+    with pytest.raises(SystemExit) as e:
+        train(script, small_mnist, out, "--steps", 4)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no checkpoint was saved yet: lower --lr and start again" in err, err
+    assert not (out / "ckpt.pt").exists()
+    monkeypatch.undo()
+    train(script, small_mnist, out, "--steps", 2)  # the same folder: a new run
+    assert ckpt(out)["step"] == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failing_picture_costs_no_trained_step(script, one_go, small_mnist, tmp_path, monkeypatch, capsys):
+    """sample_grid raises at every grid step (here 2, 4, 6): one warning line each, and the run trains on to the
+    weights of the run in one go."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory\nmore detail")
+    monkeypatch.setattr(importlib.import_module(script), "sample_grid", out_of_memory)
+    out = tmp_path / "run"
+    train(script, small_mnist, out, "--steps", 6, "--sample-every", 2)
+    printed = capsys.readouterr().out
+    assert printed.count("warning: the sample grid failed (RuntimeError: out of memory); training goes on") == 3
+    assert same_state(ckpt(out), ckpt(one_go(script))) and logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_grids_and_curves_change_no_weight(script, one_go, small_mnist, tmp_path):
+    """A grid at every step (its samplers draw from generators of their own, and any eval mode is undone) ends with
+    the weights of the run that drew one grid; every grid step has its picture and curves.png."""
+    out = tmp_path / "run"
+    train(script, small_mnist, out, "--steps", 6, "--sample-every", 1)
+    assert same_state(ckpt(out), ckpt(one_go(script)))
+    assert all((out / f"samples_{s}.png").exists() for s in range(1, 7)) and (out / "curves.png").exists()
+
+
+def test_the_time_budget_ends_the_run_and_the_schedule_follows_the_clock(small_mnist, tmp_path, monkeypatch):
+    """--max-minutes (pixelrnn's quick recipe): the run ends at the step the budget runs out in, as if --steps were
+    reached there, and run.progress, which the learning-rate schedule reads, follows the clock, not step / --steps."""
+    module, clock = importlib.import_module("pixelrnn"), itertools.count(0.0, 30.0)  # each reading 30 s on
+    argv = [*TINY["pixelrnn"], *RUN, "--steps", "1000", "--max-minutes", "2", "--out", str(tmp_path / "r"),
+            "--data-dir", str(small_mnist)]
+    run = common.Run(common.parse_args(module.ModelConfig, module.Config, "pixelrnn", argv), "pixelrnn")
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    run.start(dict(model=torch.nn.Linear(1, 1)))
+    progress = []
+    for step in run:
+        progress.append(run.progress)
+        run.log(dict(loss=1.0))
+    monkeypatch.undo()
+    assert run.step == run.cfg.steps == len(progress) < 10 and progress[-1] == 1.0  # 2 minutes of 30 s readings
+    assert progress == sorted(progress) and progress[1] > 0.1  # step / 1000 would be 0.001
+    assert logged_steps(tmp_path / "r")[-1] == run.step and ckpt_free(tmp_path / "r")
+
+
+def ckpt_free(out):
+    return not (out / "ckpt.pt").exists()  # no --ckpt-every step was reached and finish() was not called
+
+
+def test_wall_time_adds_up_over_resumes_and_lines_past_the_checkpoint_go(small_mnist, tmp_path, monkeypatch):
+    """wall_s (benchmarks/compare.py's training time) counts each process's seconds once; --resume drops the lines
+    logged after the checkpoint (before a crash), so log.jsonl has one line per step."""
+    module, out = importlib.import_module("vae"), tmp_path / "r"
+    argv = [*TINY["vae"], *RUN, "--steps", "4", "--out", str(out), "--data-dir", str(small_mnist)]
+    model, clock = torch.nn.Linear(1, 1), itertools.count(100.0, 10.0)  # each reading 10 s on
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    run = common.Run(common.parse_args(module.ModelConfig, module.Config, "vae", argv), "vae")
+    run.start(dict(model=model))
+    for step in run:
+        run.check(loss=1.0)  # the checkpoint of step 2 (--ckpt-every 2)
+        run.log(dict(loss=1.0))
+        if step == 2:
+            break  # a crash after step 3 was logged: the checkpoint holds step 2
+    assert logged_steps(out) == [1, 2, 3] and ckpt(out)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop left: Python's handler is back
+    resumed = common.Run(common.parse_args(module.ModelConfig, module.Config, "vae", [*argv, "--resume"]), "vae")
+    resumed.start(dict(model=model))
+    for step in resumed:
+        resumed.log(dict(loss=1.0))
+    logged = common.read_log(out / "log.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert logged[1]["wall_s"] < logged[2]["wall_s"] < logged[1]["wall_s"] + 60  # on from step 2's, not from 0
