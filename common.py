@@ -75,6 +75,7 @@ class RunConfig:
     batch_size: int = opt(128, "images per training step", "[1, inf)")
     lr: float = opt(2e-4, "learning rate", "(0, inf)")
     steps: int = opt(10000, "training steps", "[1, inf)")
+    max_minutes: float = opt(0.0, "end training after these minutes, as if --steps were met (0: no limit)", "[0, inf)")
     log_every: int = opt(100, "steps between progress lines", "[1, inf)")
     sample_every: int = opt(2000, "steps between sample grids", "[1, inf)")
     ckpt_every: int = opt(2000, "steps between checkpoints", "[1, inf)")
@@ -173,8 +174,7 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
     cfg.model = model_cls(**model)
     check_ranges(cfg, cfg.model)  # a recipe's values and a checkpoint's are held to the same ranges as flags
     if cfg.label >= 0 and not cfg.model.conditional:  # in every mode, --eval's included
-        raise UsageError(f"--label {cfg.label} needs a model trained with --conditional, and {out} is not: drop "
-                         f"--label, or train with --conditional")
+        raise UsageError(f"--label {cfg.label} needs a model trained with --conditional; {out} is not: drop --label")
     return cfg
 
 
@@ -191,8 +191,8 @@ def get_device(name="auto"):
         raise UsageError(f"--device {name} was asked for but {gpu}; use --device cpu")
     device, torchrun = torch.device(name), int(os.environ.get("WORLD_SIZE", "1")) > 1
     if name == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32: ~free speed, fp32 range
         torch.backends.cudnn.benchmark = True  # fixed input shapes, so let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32, unless Run trains
         if torchrun:  # one GPU per process
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -212,12 +212,12 @@ def distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def rank():
-    return dist.get_rank() if distributed() else 0
+def rank():  # torchrun's RANK and WORLD_SIZE, also before the process group is joined (a flag's error line)
+    return dist.get_rank() if distributed() else int(os.environ.get("RANK", "0"))
 
 
 def world():
-    return dist.get_world_size() if distributed() else 1
+    return dist.get_world_size() if distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main():
@@ -327,8 +327,7 @@ def load_split(cfg, split, device):
     """(x uint8, y or None) of --dataset: the labels only for a --conditional model, which cannot do without them."""
     x, y = load_dataset(cfg.model.dataset, cfg.data_dir, split, device)
     if cfg.model.conditional and y is None:
-        raise UsageError(f"--conditional needs class labels and the folder {cfg.model.dataset} has none; drop "
-                         f"--conditional, or use mnist, fashion-mnist or cifar10")
+        raise UsageError(f"--conditional needs class labels, and the folder {cfg.model.dataset} has none: drop it")
     return x, (y if cfg.model.conditional else None)
 
 
@@ -475,9 +474,10 @@ class Run:
         if cfg.batch_size % world():  # --batch-size is the step's, so that --lr means the same on any number of ranks
             raise UsageError(f"--batch-size {cfg.batch_size} does not split over {world()} processes; use a multiple")
         self.batch_size = cfg.batch_size // world()
-        self.budget = 60 * getattr(cfg, "max_minutes", 0.0)  # seconds; 0: no time budget (pixelrnn has one)
-        self.progress = 0.0  # the share of the run done, by steps or by the clock: what a learning-rate schedule reads
+        self.budget = 60 * cfg.max_minutes  # seconds; 0: no time budget
+        self.progress = 0.0  # the share of the run done, by steps or by --max-minutes' clock: what a schedule reads
         self.autocast = functools.partial(autocast, self.device, cfg.precision)  # `with run.autocast():` the forward
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # training on a GPU: TF32
 
     def start(self, state, sample_grid=None):
         """A new run makes --out and config.json; --resume loads the checkpoint into `state` (models, optimizers, EMA)
@@ -499,7 +499,7 @@ class Run:
             self.wall_before = max([r.get("wall_s", 0.0) for r in kept], default=0.0)
         self.started, self.last_time, self.last_step, self.images = time.time(), time.time(), self.step, 0
         say(f"{self.script}: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()):,}" for k, m in state.items()
-                                           if k != "ema" and hasattr(m, "parameters")) + f" parameters; {self.device}")
+            if k != "ema" and hasattr(m, "parameters")) + f" parameters; {self.device}; from step {self.step}")
 
     def wrap(self, model):
         """The model as a step calls it: in DDP under torchrun (gradients averaged), then compiled with --compile."""
@@ -526,8 +526,7 @@ class Run:
             signal.signal(signal.SIGINT, previous)
 
     def ctrl_c(self, signum, frame):
-        """The first Ctrl-C lets the step under way finish (a half-applied update would be neither the old weights
-        nor the new); the loop then ends and finish() saves. A second quits at once, keeping the last checkpoint."""
+        """Ctrl-C lets the step under way finish (half an update is no weights at all), finish() saves; twice: quit."""
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
@@ -582,7 +581,8 @@ class Run:
         if self.interrupted:
             say(f"interrupted: checkpoint saved at step {self.step}; --resume continues from there")
             raise SystemExit(130)
-        if final is not None:  # on every rank: an evaluation is split over them
+        if final is not None:  # on every rank (an evaluation is split over them), in full fp32 like --eval
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             run_safely("the evaluation on test data", final)
         say(f"done: {self.out}")
 
@@ -591,7 +591,7 @@ def run_safely(what, fn):
     """A picture or evaluation during training: a failure is one warning line, and the run's steps go on."""
     try:
         return fn()
-    except (RuntimeError, ValueError, OSError, UsageError) as e:
+    except Exception as e:  # any error of a picture or a measure; Ctrl-C and exits still pass
         print(f"warning: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
 
 

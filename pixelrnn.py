@@ -61,8 +61,6 @@ class Config(common.RunConfig):
     lr: float = common.opt(1e-3, "peak learning rate (Adam), decayed to 0 on a cosine", "(0, inf)")
     grad_clip: float = common.opt(1.0, "clip the gradient norm to this", "(0, inf)")
     sample_every: int = common.opt(2000, "steps between sample grids (each costs H*W*C network passes)", "[1, inf)")
-    max_minutes: float = common.opt(0.0, "stop training after this many minutes, whatever --steps says, the "
-                                    "learning rate's cosine then following the clock (0 = no limit)", "[0, inf)")
     eval_n: int = common.opt(0, "test images for the NLL (0 = the whole test set)", "[0, inf)")
     label: int = common.opt(-1, "the class a --conditional model draws (--sample, the grids of a run, --complete); -1: "
                             "every class, one row each (--complete: each test image's own)", "[-1, 9]")

@@ -7,7 +7,6 @@ import torch
 
 import common
 import ddpm
-from conftest import same_weights, sigint_at
 
 TINY = ["--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "30",
         "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]

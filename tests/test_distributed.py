@@ -136,3 +136,13 @@ def test_a_conditional_run_under_two_processes_samples_the_classes_in_turn(scrip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert torch.load(out / "samples.pt").shape[0] == 13
     assert torch.equal(torch.load(out / "labels.pt"), torch.arange(13) % 10)
+
+
+def test_a_flag_refused_under_torchrun_names_its_rank(tmp_path):
+    """argparse's refusal comes before the process group is joined: the rank comes from torchrun's environment."""
+    done = torchrun([ROOT / "vae.py", "--no-such-flag", "--out", tmp_path / "run"], timeout=120)
+    lines = sorted(line for line in done.stderr.splitlines() if line.startswith("error"))
+    assert done.returncode != 0 and len(lines) == 2, done.stderr[-3000:]
+    assert lines[0].startswith("error (rank 0 of 2): unrecognized arguments: --no-such-flag")
+    assert lines[1].startswith("error (rank 1 of 2): unrecognized arguments: --no-such-flag")
+    assert not (tmp_path / "run").exists()
