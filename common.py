@@ -142,6 +142,7 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(map(flag, modes))} cannot go together; pick one")
     mode, dataset = next(iter(modes.values()), None), model_flags.get("dataset", "mnist")
+    device = get_device(cfg.device).type  # under torchrun, every rank joins its group here, whatever the mode
     out = run_flags.setdefault("out", cfg.out or f"runs/{script}-{Path(dataset).name or dataset}")
     for p in [Path(out), *Path(out).parents]:
         if p.exists() and not p.is_dir():
@@ -160,7 +161,6 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
     elif mode != "folder":  # a new run (or a picture of untrained nets): the recipe of the device at hand
         if mode is None and (Path(out) / "ckpt.pt").exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
-        device = get_device(cfg.device).type
         name = cfg.preset if cfg.preset != "auto" else "full" if device == "cuda" else "quick"
         why = "a CUDA GPU is here" if device == "cuda" else f"no CUDA GPU here, device {device}"
         recipe = (presets or {}).get(name, dict(about="", options={}))

@@ -122,7 +122,7 @@ def table(result):
              f"used {result['used_s']:.0f} s", "", "speed (img/s of training, peak GPU memory):"]
     for name, r in result["speed"].items():
         lines.append(f"  {name:28s} " + (r.get("skipped") or r.get("error") or
-                     f"{r['img_per_s']} img/s over {r['steps']} steps, peak {r['peak_gb']} GB, "
+                     f"{r['img_per_s']} img/s over {r['steps']} steps, peak memory {r['peak_gb'] or '-'} GB, "
                      f"first line after {r['first_line_s']} s"))
     lines.append("sampling (seconds per 1,000 samples, --sample):")
     for name, r in result["sampling"].items():
