@@ -34,7 +34,7 @@ FAMILIES = [
     ("vae", ["vae.py"], ["--eval"], "IW NLL -log p(x) (nats/image)", "{:.2f} nats, IW bound (k = 1000)"),
     ("gan", ["gan.py"], None, None, "none (no density)"),
     ("ddpm", ["ddpm.py", "--dataset", "mnist"], ["--eval", "--eval-n", "100"], "NLL <=   total (bits/dim)",
-     "{:.2f} bits/dim, bound (8-bit data, 100 images)"),
+     "{:.2f} bits/dim, bound (8-bit data, {n} images)"),
 ]
 
 
@@ -57,7 +57,8 @@ def measure(family, cmd, eval_flags, key, fmt, n, model, test_feats, real_feats)
                                 f"away and run again to retrain it")
     if key and not (out / "eval.json").exists():
         run([cmd[0], *eval_flags])
-    likelihood = fmt.format(json.loads((out / "eval.json").read_text())[key]) if key else fmt
+    result = json.loads((out / "eval.json").read_text()) if key else {}
+    likelihood = fmt.format(result[key], n=result.get("n", result.get("images"))) if key else fmt  # n: images scored
     sample_s = run([cmd[0], "--sample", "--num-samples", str(n)])
     samples = quality.read_samples(out / "samples.pt")
     row = quality.score(model, samples[:n], test_feats, real_feats)
