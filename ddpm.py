@@ -48,7 +48,7 @@ NULL_CLASS = common.NUM_CLASSES  # the label of "no label": the classes are 0..9
 @dataclasses.dataclass
 class ModelConfig(common.ModelConfig):
     # the diffusion
-    timesteps: int = common.opt(1000, "T, the number of diffusion steps", "[1, inf)")
+    timesteps: int = common.opt(1000, "T, the number of diffusion steps (L_0 needs beta-tilde_2: T >= 2)", "[2, inf)")
     schedule: str = common.opt("linear", "beta schedule", choices=["linear", "sigmoid", "quadratic", "cosine"])
     variance: str = common.opt("fixed-large", "Sigma_theta: beta_t (fixed-large), beta-tilde_t (fixed-small), or "
                                "learned", choices=["fixed-large", "fixed-small", "learned"])
@@ -466,11 +466,15 @@ def sample(diffusion, model, shape, cfg, seed, y=None, w=None, frames=0, progres
     return sample_ddim(diffusion, model, shape, cfg.sample_steps, cfg.eta, rng, y, w, frames, progress)
 
 
-def check_guidance(cfg):
-    """--guidance mixes in the null class, which only a --conditional model has learned."""
+def check_sampling(cfg):
+    """Sampler settings the model cannot take, refused before anything runs: --guidance mixes in the null class,
+    which only a --conditional model has learned; DDIM's steps are a subset of the T steps."""
     if cfg.guidance > 0 and not cfg.model.conditional:
         raise common.UsageError(f"--guidance {cfg.guidance} needs a model trained with --conditional, and "
                                 f"{cfg.out} is not: drop --guidance, or train with --conditional")
+    if cfg.sampler == "ddim" and cfg.sample_steps > cfg.model.timesteps:
+        raise common.UsageError(f"--sample-steps {cfg.sample_steps} is more than T = {cfg.model.timesteps} "
+                                f"(--timesteps): DDIM takes a subset of the T steps; use at most {cfg.model.timesteps}")
 
 
 # ----------------------------------------------------------------------------- the family's measure: the bound
@@ -540,7 +544,7 @@ def train(cfg):
     x_train, y_train = common.load_split(cfg, "train", run.device)  # y_train: None unless --conditional
     diffusion = Diffusion(cfg.model, run.device)  # a bad schedule stops here, before anything is written
     model = build_model(cfg.model, tuple(x_train.shape[1:])).to(run.device)
-    check_guidance(cfg)
+    check_sampling(cfg)
     ema, opt = common.make_ema(model), torch.optim.Adam(model.parameters(), lr=cfg.lr)
     shown = common.uint8_to_signed(x_train[:8])  # the training images of forward_process.png
     run.start(dict(model=model, ema=ema, opt=opt), lambda step: sample_grid(diffusion, ema, cfg, shown, step))
@@ -568,7 +572,7 @@ def load_for_inference(cfg):
     """(the EMA U-Net that samples and evaluates, the test images as uint8, their labels or None) from the run in
     --out; a --guidance the model cannot take stops here."""
     device = common.get_device(cfg.device)
-    check_guidance(cfg)
+    check_sampling(cfg)
     x_test, y_test = common.load_split(cfg, "test", device)
     ema = build_model(cfg.model, tuple(x_test.shape[1:])).to(device).eval()
     common.load_checkpoint(Path(cfg.out) / "ckpt.pt", "ddpm", ema=ema)

@@ -51,8 +51,10 @@ def refuses(script, argv, words, capsys, folder=None):
 NUMBERS = [  # (script or None for all, flag, value): each outside its declared range
     (None, "--batch-size", "-1"), (None, "--batch-size", "0"), (None, "--lr", "nan"), (None, "--lr", "0"),
     (None, "--steps", "0"), (None, "--steps", "-3"), (None, "--ckpt-every", "0"), (None, "--log-every", "0"),
-    (None, "--num-samples", "0"), (None, "--label", "10"), (None, "--label", "-2"),
-    ("ddpm", "--warmup", "0"), ("ddpm", "--timesteps", "0"), ("ddpm", "--dropout", "2"), ("ddpm", "--channels", "0"),
+    (None, "--num-samples", "0"), (None, "--label", "10"), (None, "--label", "-2"), (None, "--seed", "-1"),
+    (None, "--max-minutes", "-1"),
+    ("ddpm", "--warmup", "0"), ("ddpm", "--timesteps", "0"), ("ddpm", "--timesteps", "1"), ("ddpm", "--dropout", "2"),
+    ("ddpm", "--channels", "0"),
     ("ddpm", "--num-res-blocks", "-1"), ("ddpm", "--ema-decay", "nan"), ("ddpm", "--guidance", "-1"),
     ("ddpm", "--p-uncond", "1"),
     ("vae", "--z-dim", "0"), ("vae", "--hidden", "0"), ("vae", "--layers", "-1"), ("vae", "--iw-samples", "0"),
@@ -69,6 +71,15 @@ CASES = [(s, f, v) for script, f, v in NUMBERS for s in ([script] if script else
 def test_a_number_outside_its_range(script, flag, value, tmp_path, capsys):
     out = tmp_path / "new"
     refuses(script, TINY[script] + RUN + [flag, value, "--out", str(out)], [flag, value, "must be in"], capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_flag_is_never_guessed_from_its_first_letters(script, tmp_path, capsys):
+    """argparse would read --ckpt 2 as --ckpt-every 2: refused, with the flag it may have meant."""
+    out = tmp_path / "new"
+    refuses(script, TINY[script] + RUN + ["--ckpt", "2", "--out", str(out)], ["--ckpt 2", "did you mean --ckpt-every"],
+            capsys)
     assert not out.exists()
 
 
@@ -112,6 +123,16 @@ def test_a_label_for_an_unconditional_model(script, runs, data_dir, tmp_path, ca
     assert not out.exists()
     if script == "ddpm":  # guidance mixes in the null class, which only a conditional model has
         refuses(script, ["--out", str(run), "--sample", "--guidance", "2"], ["--guidance 2", "--conditional"], capsys, run)
+
+
+def test_more_ddim_steps_than_diffusion_steps(runs, data_dir, tmp_path, capsys):
+    """DDIM takes a subset of the T steps: 51 of TINY's T = 50 are refused, for --sample and for a new run."""
+    refuses("ddpm", ["--out", str(runs / "ddpm"), "--sample", "--sample-steps", "51"], ["--sample-steps 51", "T = 50"],
+            capsys, runs / "ddpm")
+    out = tmp_path / "new"
+    refuses("ddpm", TINY["ddpm"] + RUN + ["--data-dir", str(data_dir), "--sample-steps", "51", "--out", str(out)],
+            ["--sample-steps 51", "use at most 50"], capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

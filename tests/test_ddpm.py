@@ -9,7 +9,7 @@ import common
 import ddpm
 
 TINY = ["--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "30",
-        "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
+        "--sample-steps", "5", "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
 SCHEDULES = ["linear", "sigmoid", "quadratic", "cosine"]
 
 
@@ -38,7 +38,8 @@ def test_the_schedules_ends_are_the_papers(T):
         b = ddpm.make_betas(schedule, T)
         assert (b[0].item(), b[-1].item()) == (pytest.approx(lo, rel=1e-9), pytest.approx(hi, rel=1e-9))
     b, sig = ddpm.make_betas("sigmoid", T), lambda v: 1 / (1 + math.exp(-v))
-    assert b[0].item() == pytest.approx(lo + sig(-6) * (hi - lo)) and b[-1].item() == pytest.approx(lo + sig(6) * (hi - lo))
+    assert b[0].item() == pytest.approx(lo + sig(-6) * (hi - lo))
+    assert b[-1].item() == pytest.approx(lo + sig(6) * (hi - lo))
     f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
     alpha_bar = torch.cumprod(1 - ddpm.make_betas("cosine", T), 0)
     for t in (1, T // 2, T - 2):
@@ -144,7 +145,8 @@ def test_algorithm_2_mean_is_the_posterior_mean_at_the_predicted_x0():
 
 def test_sampling_clips_the_predicted_x0_to_the_data_range():
     """clip=True: the mean is the posterior mean at clamp(x0-hat, -1, 1). Where x0-hat lies in [-1, 1] that is
-    Algorithm 2's mean; where it does not (x_t = 3 with eps = -1 predicts x0-hat > 1), it is another, nearer the data."""
+    Algorithm 2's mean; where it does not (x_t = 3 with eps = -1 predicts x0-hat > 1), it is another, nearer the
+    data."""
     d = diffusion()
     t = torch.tensor([10, 10, 300, 300])
     x_t = torch.tensor([3.0, 0.1, -3.0, 0.2]).view(4, 1, 1, 1)
@@ -157,7 +159,8 @@ def test_sampling_clips_the_predicted_x0_to_the_data_range():
     assert torch.allclose(clipped, want, atol=1e-6)
     assert torch.allclose(clipped[~outside], plain[~outside], atol=1e-5)
     assert ((clipped - plain)[outside].abs() > 1e-3).all()
-    assert (clipped[outside].sign() == x0_hat[outside].sign()).all() and (clipped[outside].abs() < plain[outside].abs()).all()
+    assert (clipped[outside].sign() == x0_hat[outside].sign()).all()
+    assert (clipped[outside].abs() < plain[outside].abs()).all()
 
 
 def oracle(d, c):

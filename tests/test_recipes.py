@@ -39,6 +39,7 @@ def test_the_full_recipe_trains_saves_reloads_and_samples(script, small_mnist, t
     assert all(math.isfinite(v) for r in lines for k, v in r.items() if k not in ("step", "wall_s", "img_per_s"))
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["step"] == 2 and saved["model_config"] == config["model"]
-    module.main(["--out", str(out), "--sample", "--num-samples", "2", "--data-dir", str(small_mnist), "--device", "cpu"])
+    module.main(["--out", str(out), "--sample", "--num-samples", "2", "--data-dir", str(small_mnist),
+                 "--device", "cpu"])
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (2, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
