@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import time
@@ -31,13 +32,20 @@ class UsageError(Exception):
 
 
 def entry(main):
-    """Decorate a script's main(argv): a UsageError becomes one line on stderr and exit code 2."""
+    """Decorate a script's main(argv): bad input, the file system's refusal (a full disk, a folder that cannot be
+    made) and a step too big for memory each become one line on stderr and exit code 2. Any other error is a bug."""
     @functools.wraps(main)
     def wrapped(argv=None):
         try:
             result = main(argv)
-        except UsageError as e:
-            print(f"error{f' (rank {rank()} of {world()})' if world() > 1 else ''}: {e}", file=sys.stderr)
+        except (UsageError, OSError, RuntimeError) as e:
+            memory = isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+            if isinstance(e, RuntimeError) and not memory:
+                raise  # a bug: its traceback
+            line = (f"out of memory ({str(e).splitlines()[0][:150]}); lower --batch-size or the model's size" if memory
+                    else e if isinstance(e, UsageError) else f"{e.strerror or e}: {e.filename or '?'}; free space on "
+                    f"its disk, or pick another --out")  # an OSError: a full disk, a folder that cannot be made
+            print(f"error{f' (rank {rank()} of {world()})' if world() > 1 else ''}: {line}", file=sys.stderr)
             raise SystemExit(2)  # under torchrun, torchrun then stops the other ranks
         if distributed():  # under torchrun: every rank is done before the process group is taken down
             dist.barrier()
@@ -104,7 +112,7 @@ def flag(name):
 
 
 def parse_flags(model_cls, run_cls, argv=None):
-    """The command line's (run, model) flags as dicts, each checked; a flag is never guessed from its first letters."""
+    """The command line's (run, model) flags as dicts; a flag is never guessed from its first letters."""
     parser = Parser(description=sys.modules[run_cls.__module__].__doc__, allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for cls, title in [(model_cls, "model options (stored in the checkpoint)"), (run_cls, "run options")]:
@@ -116,9 +124,7 @@ def parse_flags(model_cls, run_cls, argv=None):
             boolean = dict(action=argparse.BooleanOptionalAction)  # --compile / --no-compile
             group.add_argument(flag(f.name), help=help, **(boolean if f.type in (bool, "bool") else kind))
     given, names = vars(parser.parse_args(argv)), {f.name for f in dataclasses.fields(model_cls)}
-    run, model = {k: v for k, v in given.items() if k not in names}, {k: v for k, v in given.items() if k in names}
-    check_ranges(run_cls(**run), model_cls(**model))
-    return run, model
+    return {k: v for k, v in given.items() if k not in names}, {k: v for k, v in given.items() if k in names}
 
 
 def check_ranges(*configs):
@@ -144,9 +150,6 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
     mode, dataset = next(iter(modes.values()), None), model_flags.get("dataset", "mnist")
     device = get_device(cfg.device).type  # under torchrun, every rank joins its group here, whatever the mode
     out = run_flags.setdefault("out", cfg.out or f"runs/{script}-{Path(dataset).name or dataset}")
-    for p in [Path(out), *Path(out).parents]:
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"--out {out}: {p} is a file, not a folder; pick another --out")
     model, run = model_flags, run_flags
     if mode == "checkpoint":  # --resume, --sample, --eval...: the options come from the run
         ckpt = read_checkpoint(Path(out) / "ckpt.pt", script)
@@ -159,8 +162,6 @@ def parse_args(model_cls, run_cls, script, argv=None, presets=None):
         keep = {f.name for f in dataclasses.fields(run_cls) if not f.metadata.get("mode")} - fresh
         run = {k: v for k, v in ckpt["run_config"].items() if k in keep} | run_flags
     elif mode != "folder":  # a new run (or a picture of untrained nets): the recipe of the device at hand
-        if mode is None and (Path(out) / "ckpt.pt").exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
         name = cfg.preset if cfg.preset != "auto" else "full" if device == "cuda" else "quick"
         why = "a CUDA GPU is here" if device == "cuda" else f"no CUDA GPU here, device {device}"
         recipe = (presets or {}).get(name, dict(about="", options={}))
@@ -395,8 +396,33 @@ def report(out, title, rows, **extra):
 def atomic_write(path, data):
     """Text or a checkpoint to a temporary file, then renamed: a crash mid-write never leaves a broken file."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(data) if isinstance(data, str) else torch.save(data, tmp)
+    try:
+        tmp.write_text(data) if isinstance(data, str) else torch.save(data, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save says RuntimeError): no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(tmp.parent).free / 2**20
+        need = f", about {Path(path).stat().st_size / 2**20:.2f} MiB needed" if Path(path).exists() else ""  # its size
+        raise UsageError(f"could not write {path} ({type(e).__name__}; {free:,.2f} MiB free on its disk{need}): make "
+                         f"room or pick another --out; the {Path(path).name} there before, if any, was kept") from None
     os.replace(tmp, path)
+
+
+def lock_folder(out, resume):
+    """--out made and locked by this process, so that a second run into it is refused; the OS frees the lock when the
+    process ends, even by kill -9. Returns the lock's open file (POSIX: on Windows a folder goes unlocked)."""
+    out.mkdir(parents=True, exist_ok=True)  # an OSError (a file in the way, no permission) is one line, by entry()
+    lock = open(out / "run.lock", "a+")
+    with contextlib.suppress(ImportError):
+        import fcntl
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{out} is in use by the run of process {lock.seek(0) or lock.read().strip()}; wait for "
+                             f"it to end or pick another --out") from None
+    lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()  # the holder, named to a second run
+    if not resume and (out / "ckpt.pt").exists():  # looked for again under the lock: two starts at once
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
+    return lock
 
 
 def rng_state(generator):
@@ -461,10 +487,9 @@ def load_checkpoint(path, script, generator=None, **modules):
 class Run:
     """The machinery of a training run, once for the five scripts, so that train() reads as its loop: Run(cfg, script),
     the data and model on run.device, run.start(state), `for step in run:` a batch, the loss, backward, run.check(...),
-    the update, run.log(figures); run.finish(). Its promises: a checkpoint holds the weights of a step that gave a
-    finite loss and gradient, with the random state the step started from (run.rng's and torch's), so --resume redoes
-    it bit for bit; Ctrl-C ends the step under way, saves, exits 130; log.jsonl has a line per logged step; a failing
-    picture is a warning; under torchrun each rank draws its own share, all stop together, rank 0 alone writes."""
+    the update, run.log(figures); run.finish(). Its promises (tests/test_harness.py): a checkpoint holds finite weights
+    and the random state its next step starts from, so --resume goes on bit for bit; Ctrl-C saves and exits 130; one
+    run at a time in a folder; under torchrun each rank draws its own share, all stop together, rank 0 alone writes."""
 
     def __init__(self, cfg, script):
         self.cfg, self.script, self.out = cfg, script, Path(cfg.out)
@@ -483,12 +508,12 @@ class Run:
         """A new run makes --out and config.json; --resume loads the checkpoint into `state` (models, optimizers, EMA)
         and the generators. sample_grid(step) draws a grid step's pictures, maybe returning figures for its line."""
         cfg, self.state, self.sample_grid = self.cfg, state, sample_grid
+        self.lock = lock_folder(self.out, cfg.resume) if is_main() else None  # one run at a time in a folder
         self.step = load_checkpoint(self.out / "ckpt.pt", self.script, self.rng, **state) if cfg.resume else 0
         if self.step >= cfg.steps:
             raise UsageError(f"{cfg.out} is already at step {self.step}; pass --steps above {self.step} to train on")
         if is_main() and not cfg.resume:
             print(cfg.recipe or f"{self.script}: a new run in {cfg.out}")
-            self.out.mkdir(parents=True, exist_ok=True)
             config = dict(model=dataclasses.asdict(cfg.model), run=dataclasses.asdict(cfg) | dict(model=None))
             atomic_write(self.out / "config.json", json.dumps(config, indent=2))
         self.first, self.saved = self.step, self.step if cfg.resume else None  # the step of the last checkpoint
@@ -547,13 +572,18 @@ class Run:
                         else "no checkpoint was saved yet: lower --lr and start again")
                 raise UsageError(f"the {name} became {v} at step {self.step + 1}, before its update; {kept}")
         if self.step > self.first and self.step % self.cfg.ckpt_every == 0 and self.saved != self.step:
-            save_checkpoint(self.out / "ckpt.pt", self.script, self.cfg, self.step, self.rng_at_start, **self.state)
-            self.saved = self.step
+            self.save(self.rng_at_start)
+
+    def save(self, rng):
+        """ckpt.pt: the weights after self.step updates, and `rng`, the random state the next step starts from."""
+        save_checkpoint(self.out / "ckpt.pt", self.script, self.cfg, self.step, rng, **self.state)
+        self.saved = self.step
 
     def log(self, figures):
         """The step is done; on rank 0 and their cadence: the grid (its figures join the line), the line, curves.png."""
         self.step, self.images = self.step + 1, self.images + self.cfg.batch_size
-        last = self.step == self.cfg.steps
+        if last := self.step == self.cfg.steps:  # saved before the last grid: a sampler that fails loses no step
+            self.save(rng_state(self.rng))
         grid = self.sample_grid is not None and (self.step % self.cfg.sample_every == 0 or last) and is_main()
         if grid:
             started, modes = time.time(), [(m, m.training) for m in self.state.values() if hasattr(m, "training")]
@@ -577,7 +607,8 @@ class Run:
 
     def finish(self, final=None):
         """The last checkpoint (exit 130 after Ctrl-C), then final(), the family's measure on test data if any."""
-        save_checkpoint(self.out / "ckpt.pt", self.script, self.cfg, self.step, rng_state(self.rng), **self.state)
+        if self.saved != self.step:  # Ctrl-C's step (the last step saved in log())
+            self.save(rng_state(self.rng))
         if self.interrupted:
             say(f"interrupted: checkpoint saved at step {self.step}; --resume continues from there")
             raise SystemExit(130)
@@ -608,19 +639,16 @@ def plot_curves(out):
     """curves.png in `out`: each figure of log.jsonl (the losses, the family's own measure) against the step, a panel
     each, three to a row; non-finite values are left out. Drawn with every grid of a run, and by --plot for any run.
     Returns the panels drawn, {figure: [(step, value), ...]}."""
-    if not (Path(out) / "log.jsonl").exists():
-        raise UsageError(f"no log.jsonl in {out}; point --out at a run folder, or train one there first")
-    records = read_log(Path(out) / "log.jsonl")
+    records = read_log(Path(out) / "log.jsonl") if (Path(out) / "log.jsonl").exists() else []
     names = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "img_per_s", "wall_s")]
     if not names:
-        raise UsageError(f"{out}/log.jsonl holds no logged figures yet; train for at least --log-every steps")
+        raise UsageError(f"no log.jsonl with figures in {out}; point --out at a run that trained --log-every steps")
     panels = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
               for k in names}
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed: the picture goes to a file
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn straight to a file: no pyplot, no display
     cols, rows = min(3, len(panels)), math.ceil(len(panels) / 3)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, points) in zip(axes.flat, panels.items()):
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None, linewidth=1) if points else None
         ax.set(title=name, xlabel="step")
@@ -629,7 +657,6 @@ def plot_curves(out):
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(Path(out) / "curves.tmp.png", dpi=80)
-    plt.close(fig)
     os.replace(Path(out) / "curves.tmp.png", Path(out) / "curves.png")
     return panels
 

@@ -136,12 +136,15 @@ def test_more_ddim_steps_than_diffusion_steps(runs, data_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_out_that_is_a_file(script, data_dir, tmp_path, capsys):
+def test_an_out_that_cannot_be_made(script, data_dir, tmp_path, capsys):
+    """A file, a folder under a file, and a folder the system refuses (/sys: not writable even by root, where
+    chmod stops nobody): one line naming --out and the system's reason."""
     file = tmp_path / "file"
     file.write_text("x")
     argv = TINY[script] + RUN + ["--data-dir", str(data_dir)]
-    refuses(script, argv + ["--out", str(file)], ["--out", "is a file"], capsys)
-    refuses(script, argv + ["--out", str(file / "run")], ["--out", "is a file"], capsys)
+    refuses(script, argv + ["--out", str(file)], ["File exists", "pick another --out"], capsys)
+    refuses(script, argv + ["--out", str(file / "run")], ["Not a directory", "pick another --out"], capsys)
+    refuses(script, argv + ["--out", "/sys/no-such-folder/run"], ["not permitted: /sys/no-such-folder", "pick another --out"], capsys)
     assert file.read_text() == "x"
 
 
@@ -230,4 +233,4 @@ def test_plot_redraws_the_curves_of_a_run(script, runs, tmp_path, capsys):
     width, height = Image.open(run / "curves.png").size
     assert len(logged) >= 2 and (width, height) == (336 * min(3, len(logged)), 224 * -(-len(logged) // 3))
     (tmp_path / "empty").mkdir()
-    refuses(script, ["--out", str(tmp_path / "empty"), "--plot"], ["no log.jsonl in"], capsys, tmp_path / "empty")
+    refuses(script, ["--out", str(tmp_path / "empty"), "--plot"], ["no log.jsonl with figures in"], capsys, tmp_path / "empty")

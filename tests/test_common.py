@@ -69,8 +69,8 @@ def test_the_checkpoint_supplies_the_model_options(tmp_path):
     assert parse("--out", str(out), "--sample", "--width", "3").model.width == 3  # an agreeing one is fine
     with pytest.raises(common.UsageError, match=r"--width 3 \(now 4\); drop --width"):
         parse("--out", str(out), "--sample", "--width", "4")
-    with pytest.raises(common.UsageError, match="already holds a run; pass --resume"):
-        parse("--out", str(out))
+    with pytest.raises(common.UsageError, match="already holds a run; pass --resume"):  # looked for under the lock
+        common.Run(parse("--out", str(out), "--device", "cpu"), "toy").start(dict(model=nn.Linear(2, 2)))
     with pytest.raises(common.UsageError, match="written by toy.py, not vae.py"):
         common.parse_args(Model, Run, "vae", ["--out", str(out), "--eval"])
     with pytest.raises(common.UsageError, match="no checkpoint at"):
@@ -151,11 +151,11 @@ def test_plot_draws_every_logged_figure_from_log_jsonl(tmp_path):
 
 def test_plot_without_a_log_is_one_usage_error_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.UsageError, match="no log.jsonl in"):
+    with pytest.raises(common.UsageError, match="no log.jsonl with figures in"):
         common.plot_curves(tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []
     (tmp_path / "empty" / "log.jsonl").write_text("")
-    with pytest.raises(common.UsageError, match="holds no logged figures"):
+    with pytest.raises(common.UsageError, match="no log.jsonl with figures in"):
         common.plot_curves(tmp_path / "empty")
 
 

