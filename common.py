@@ -76,14 +76,15 @@ class RunConfig:
     data_dir: str = opt("./data", "where the datasets live (MNIST in <data-dir>/MNIST/raw/)")
     out: str = opt("", "output folder (default runs/<script>-<dataset>)")
     device: str = opt("auto", "auto | cuda | mps | cpu", choices=["auto", "cuda", "mps", "cpu"])
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, else fp32; bf16 (a CPU gains only with AMX or "
-                         "AVX512-BF16); fp32", choices=["auto", "bf16", "fp32"])
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on a CPU with bf16 units (Intel AMX, AVX512-BF16), "
+                         "else fp32; bf16; fp32", choices=["auto", "bf16", "fp32"])
     compile: bool = opt(False, "torch.compile the model (CUDA)")
     seed: int = opt(0, "random seed", "[0, inf)")
     batch_size: int = opt(128, "images per training step", "[1, inf)")
     lr: float = opt(2e-4, "learning rate", "(0, inf)")
     steps: int = opt(10000, "training steps", "[1, inf)")
-    max_minutes: float = opt(0.0, "end training after these minutes, as if --steps were met (0: no limit)", "[0, inf)")
+    max_minutes: float = opt(0.0, "end training after these minutes (over resumes), as if --steps were met there; "
+                             "the schedules and grids follow the clock (0: no limit)", "[0, inf)")
     log_every: int = opt(100, "steps between progress lines", "[1, inf)")
     sample_every: int = opt(2000, "steps between sample grids", "[1, inf)")
     ckpt_every: int = opt(2000, "steps between checkpoints", "[1, inf)")
@@ -203,8 +204,10 @@ def get_device(name="auto"):
 
 
 def autocast(device, precision):
-    """bf16 autocast (fp32's exponent range: no loss scaling): on CUDA by default, on a CPU (bf16 units) if asked."""
-    if device.type in ("cuda", "cpu") and (precision == "bf16" or (precision == "auto" and device.type == "cuda")):
+    """bf16 autocast (fp32's exponent range: no loss scaling), by default where it pays: CUDA, a CPU with bf16 units."""
+    units = device.type == "cuda" or device.type == "cpu" and any(getattr(torch.cpu, f"_is_{k}_supported", bool)()
+                                                                  for k in ("amx_tile", "avx512_bf16"))  # or False
+    if precision == "bf16" and device.type in ("cuda", "cpu") or precision == "auto" and units:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -499,7 +502,7 @@ class Run:
         if cfg.batch_size % world():  # --batch-size is the step's, so that --lr means the same on any number of ranks
             raise UsageError(f"--batch-size {cfg.batch_size} does not split over {world()} processes; use a multiple")
         self.batch_size = cfg.batch_size // world()
-        self.budget = 60 * cfg.max_minutes  # seconds; 0: no time budget
+        self.budget, self.total = 60 * cfg.max_minutes, cfg.steps  # seconds (0: no time budget); --steps as given
         self.progress = 0.0  # the share of the run done, by steps or by --max-minutes' clock: what a schedule reads
         self.autocast = functools.partial(autocast, self.device, cfg.precision)  # `with run.autocast():` the forward
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # training on a GPU: TF32
@@ -532,23 +535,26 @@ class Run:
         return torch.compile(model) if self.cfg.compile else model
 
     def __iter__(self):
-        """Yield the step under way (the updates done so far) until --steps, Ctrl-C, or the time budget (which ends the
-        run as if --steps were reached there), noting first the random state that step starts from."""
-        self.interrupted, clock = False, time.time()
+        """Yield the step under way (the updates done so far) until --steps, Ctrl-C, or the time budget (log() ends the
+        run there, as if --steps were reached), noting first the random state that step starts from."""
+        self.interrupted, self.progress = False, self.share()
         previous = signal.signal(signal.SIGINT, self.ctrl_c)
         try:
             while self.step < self.cfg.steps and not reduce_over_ranks(self.interrupted, "max"):  # Ctrl-C on any rank
-                self.progress = self.step / self.cfg.steps
-                if self.budget:
-                    spent = reduce_over_ranks(time.time() - clock, "max")  # one clock for all ranks
-                    self.progress = min(1.0, max(self.progress, spent / self.budget))
-                    if spent > self.budget:
-                        self.cfg.steps = self.step + 1
                 self.rng_at_start = rng_state(self.rng)
                 yield self.step
             self.interrupted = self.step < self.cfg.steps
         finally:
             signal.signal(signal.SIGINT, previous)
+
+    def share(self):
+        """The share of the run done: step / --steps, or with --max-minutes the share of its minutes spent (over
+        resumes) if that is more. A learning-rate schedule and the grids read it: on a slower CPU they follow the
+        clock, and a run of fewer steps still cools down and draws its grids."""
+        if not self.budget:
+            return self.step / self.total
+        spent = reduce_over_ranks(self.wall_before + time.time() - self.started, "max")  # one clock for all ranks
+        return min(1.0, max(self.step / self.total, spent / self.budget))
 
     def ctrl_c(self, signum, frame):
         """Ctrl-C lets the step under way finish (half an update is no weights at all), finish() saves; twice: quit."""
@@ -582,9 +588,16 @@ class Run:
     def log(self, figures):
         """The step is done; on rank 0 and their cadence: the grid (its figures join the line), the line, curves.png."""
         self.step, self.images = self.step + 1, self.images + self.cfg.batch_size
+        before, self.progress = self.progress, self.share()
+        if self.progress >= 1 and self.step < self.cfg.steps:  # --max-minutes spent: this step is the last
+            self.cfg.steps = self.step
+            say(f"--max-minutes {self.cfg.max_minutes:g} spent at step {self.step} of --steps {self.total}: training "
+                f"ends here (to train on: --resume --steps {self.total} --max-minutes <more>)")
         if last := self.step == self.cfg.steps:  # saved before the last grid: a sampler that fails loses no step
             self.save(rng_state(self.rng))
-        grid = self.sample_grid is not None and (self.step % self.cfg.sample_every == 0 or last) and is_main()
+        every = self.cfg.sample_every / self.total  # a grid at each such share of the run: by steps, or by the clock
+        grid = is_main() and self.sample_grid is not None and (last or int(self.progress / every + 1e-9) > int(
+            before / every + 1e-9))
         if grid:
             started, modes = time.time(), [(m, m.training) for m in self.state.values() if hasattr(m, "training")]
             figures = figures | (run_safely("the sample grid", lambda: self.sample_grid(self.step)) or {})
@@ -595,7 +608,7 @@ class Run:
             now, figures = time.time(), {k: float(v) for k, v in figures.items()}
             img_s = self.images / max(now - self.last_time, 1e-9)
             eta = (self.cfg.steps - self.step) * (now - self.last_time) / (self.step - self.last_step)
-            eta = int(min(eta, max(self.budget - (now - self.started), 0)) if self.budget else eta)  # the sooner end
+            eta = int(min(eta, (1 - self.progress) * self.budget) if self.budget else eta)  # the budget's end if sooner
             with open(self.log_path, "a") as f:
                 wall = round(self.wall_before + now - self.started, 1)  # the whole run's seconds, over resumes
                 f.write(json.dumps(dict(step=self.step, img_per_s=round(img_s, 1), wall_s=wall, **figures)) + "\n")

@@ -82,10 +82,10 @@ class Config(common.RunConfig):
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, a 6.5M-parameter U-Net for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, a 1.1M-parameter U-Net for 4000 steps of 32: 10-20 min on 2 CPU cores, by "
-                        "the CPU",
+    "quick": dict(about="the quick run, a 1.1M-parameter U-Net, batches of 32 for 10 minutes of training "
+                        "(--max-minutes 10; at most 12,000 steps)",
                   options=dict(channels=32, num_res_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, warmup=200,
-                               ema_decay=0.995, sampler="ddim", sample_every=1000, steps=4000)),
+                               ema_decay=0.995, sampler="ddim", max_minutes=10.0, steps=12000, sample_every=3000)),
 }
 
 

@@ -73,8 +73,10 @@ class Config(common.RunConfig):
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
     "full": dict(about="the full model, DCGAN 64/64 channels for 20k steps of 128, sized for one GPU", options={}),
-    "quick": dict(about="the quick run, DCGAN 32/32 channels for 12k steps of 64: 7-8 min on 2 CPU cores",
-                options=dict(g_channels=32, d_channels=32, batch_size=64, steps=12000, sample_every=2000)),
+    "quick": dict(about="the quick run, DCGAN 32/32 channels, batches of 64 for 10 minutes of training "
+                        "(--max-minutes 10; at most 30k steps)",
+                options=dict(g_channels=32, d_channels=32, batch_size=64, max_minutes=10.0, steps=30000,
+                             sample_every=5000)),
 }
 
 

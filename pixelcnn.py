@@ -77,10 +77,9 @@ PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU 
     "full": dict(about="the full model, 128 channels and 12 blocks for 20k steps of 128, sized for one GPU",
                  options={}),
     "quick": dict(about="the quick run, a gated PixelCNN (no blind spot) of 32 channels and 7 gated layers (the 7x7 "
-                        "mask-A one, then --layers 6 3x3 ones) for 4800 steps of 32 in bf16, then the exact test NLL: "
-                        "9 min on 2 CPU cores with bf16 units, measured; more elsewhere (add --precision fp32 on a "
-                        "CPU without them)",
-                  options=dict(precision="bf16", arch="gated", channels=32, layers=6, steps=4800, batch_size=32,
+                        "mask-A one, then --layers 6 3x3 ones), batches of 32 for 10 minutes of training "
+                        "(--max-minutes 10; at most 12,000 steps), then the exact test NLL",
+                  options=dict(arch="gated", channels=32, layers=6, max_minutes=10.0, steps=12000, batch_size=32,
                                lr=3e-3, sample_every=100000, num_samples=16)),
 }
 

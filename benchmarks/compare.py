@@ -2,11 +2,11 @@
 its own likelihood figure, the quality of 1,000 of its samples (benchmarks/quality.py, with the floors) and the
 time to draw them. Writes benchmarks/compare.md (one table) and assets/compare.png (a row of samples each).
 
-    python benchmarks/compare.py     # trains the runs that are missing first (about 50 min on 2 CPU cores)
+    python benchmarks/compare.py     # trains the runs that are missing first (five 10-minute runs, about 65 min)
 
 It uses the README's run folders (runs/pixelrnn-mnist, ...): a run you already made is measured as it is.
 What it runs, in order, for each family and only where the result is not there yet:
-    python <script>.py [--dataset mnist]             the quick run; its time is wall_s of log.jsonl's last line
+    python <script>.py [--dataset mnist]             the quick run; its time and steps: log.jsonl's last line
     python <script>.py --eval [...]                  the likelihood, into eval.json (pixelcnn/pixelrnn: by the run)
     python <script>.py --sample --num-samples 1000   always; the wall time of this command is the sampling figure
 """
@@ -51,8 +51,8 @@ def measure(family, cmd, eval_flags, key, fmt, n, model, test_feats, real_feats)
     out = ROOT / "runs" / f"{family}-mnist"
     if not (out / "ckpt.pt").exists():
         run(cmd)
-    wall = [r["wall_s"] for r in common.read_log(out / "log.jsonl") if "wall_s" in r]
-    if not wall:
+    logged = [r for r in common.read_log(out / "log.jsonl") if "wall_s" in r]
+    if not logged:
         raise common.UsageError(f"{out}/log.jsonl has no wall_s (a run made before it was logged): move {out} "
                                 f"away and run again to retrain it")
     if key and not (out / "eval.json").exists():
@@ -62,14 +62,16 @@ def measure(family, cmd, eval_flags, key, fmt, n, model, test_feats, real_feats)
     sample_s = run([cmd[0], "--sample", "--num-samples", str(n)])
     samples = quality.read_samples(out / "samples.pt")
     row = quality.score(model, samples[:n], test_feats, real_feats)
-    return dict(family=family, train_min=wall[-1] / 60, likelihood=likelihood, sample_s=sample_s, **row), samples
+    return dict(family=family, train_min=logged[-1]["wall_s"] / 60, steps=logged[-1]["step"], likelihood=likelihood,
+                sample_s=sample_s, **row), samples
 
 
 def table(rows, floors, n):
-    head = ("| family | quick run (min) | likelihood (its own measure) | FD | precision | recall | class entropy "
+    head = ("| family | quick run: min (steps) | likelihood (its own measure) | FD | precision | recall | class entropy "
             f"| {n:,} samples (s) |\n|---|---|---|---|---|---|---|---|\n")
-    body = "".join(f"| {r['family']} | {r['train_min']:.1f} | {r['likelihood']} | {r['fd']:.1f} | {r['precision']:.2f} "
-                   f"| {r['recall']:.2f} | {r['class_entropy']:.2f} | {r['sample_s']:.0f} |\n" for r in rows)
+    body = "".join(f"| {r['family']} | {r['train_min']:.1f} ({r['steps']:,}) | {r['likelihood']} | {r['fd']:.1f} "
+                   f"| {r['precision']:.2f} | {r['recall']:.2f} | {r['class_entropy']:.2f} | {r['sample_s']:.0f} |\n"
+                   for r in rows)
     floor = "".join(f"| *{name}* | | | {r['fd']:.1f} | {r['precision']:.2f} | {r['recall']:.2f} "
                     f"| {r['class_entropy']:.2f} | |\n" for name, r in floors.items())
     return head + body + floor

@@ -17,8 +17,8 @@ TINY = {  # a model small enough that a two-step run takes a second or two
     "pixelcnn": ["--channels", "8", "--layers", "1"],
     "pixelrnn": ["--layers", "1", "--hidden", "4", "--head", "8"],
 }
-RUN = ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2",
-       "--num-samples", "4", "--device", "cpu"]
+RUN = ["--max-minutes", "0", "--steps", "2", "--batch-size", "4", "--log-every", "1", "--sample-every", "2",
+       "--ckpt-every", "2", "--num-samples", "4", "--device", "cpu"]  # --max-minutes 0: its steps, on any clock
 
 
 @pytest.fixture(scope="module")

@@ -159,11 +159,21 @@ def test_plot_without_a_log_is_one_usage_error_and_writes_nothing(tmp_path):
         common.plot_curves(tmp_path / "empty")
 
 
-def test_precision_bf16_only_by_default_on_cuda_and_on_the_cpu_when_asked():
+@pytest.mark.parametrize("units", [(), ("amx_tile",), ("avx512_bf16",), ("amx_tile", "avx512_bf16")])
+def test_precision_auto_is_bf16_on_a_cpu_with_bf16_units_and_fp32_without(units, monkeypatch):
+    """--precision auto on a CPU: bf16 autocast where torch.cpu finds AMX or AVX512-BF16, fp32 without (or where
+    torch.cpu's private checks are absent); fp32 and bf16 as asked on any CPU."""
     layer, x, cpu = nn.Linear(4, 4), torch.randn(2, 4), torch.device("cpu")
-    for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+    for kind in ("amx_tile", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, f"_is_{kind}_supported", lambda kind=kind: kind in units, raising=False)
+    auto = torch.bfloat16 if units else torch.float32
+    for precision, dtype in [("auto", auto), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
         with common.autocast(cpu, precision):
             assert layer(x).dtype == dtype, precision
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    with common.autocast(cpu, "auto"):
+        assert layer(x).dtype == torch.float32
 
 
 def test_mnist_loads_as_one_uint8_tensor(data_dir):

@@ -8,7 +8,7 @@ import torch
 import common
 import ddpm
 
-TINY = ["--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "30",
+TINY = ["--max-minutes", "0", "--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "30",
         "--sample-steps", "5", "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
 SCHEDULES = ["linear", "sigmoid", "quadratic", "cosine"]
 

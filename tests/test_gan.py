@@ -12,7 +12,7 @@ import common
 import gan
 
 MODEL = ["--g-channels", "4", "--d-channels", "4", "--z-dim", "8"]
-RUN = ["--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
+RUN = ["--max-minutes", "0", "--batch-size", "8", "--num-samples", "4", "--log-every", "1", "--device", "cpu"]
 
 
 def run(data_dir, out, *args, model=MODEL):

@@ -19,8 +19,8 @@ from conftest import ROOT, sigint_at
 from test_cli import TINY  # a model small enough that a step takes milliseconds
 
 SCRIPTS = ["ddpm", "vae", "gan", "pixelcnn", "pixelrnn"]
-RUN = ["--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "2", "--num-samples", "4",
-       "--device", "cpu", "--precision", "fp32"]
+RUN = ["--max-minutes", "0", "--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "2",
+       "--num-samples", "4", "--device", "cpu", "--precision", "fp32"]
 LOSS = {"ddpm": "loss_fn", "vae": "loss_fn", "gan": "g_loss", "pixelcnn": "loss_fn", "pixelrnn": "loss_fn"}
 
 
@@ -154,23 +154,50 @@ def test_the_grids_and_curves_change_no_weight(script, one_go, small_mnist, tmp_
     assert all((out / f"samples_{s}.png").exists() for s in range(1, 7)) and (out / "curves.png").exists()
 
 
-def test_the_time_budget_ends_the_run_and_the_schedule_follows_the_clock(small_mnist, tmp_path, monkeypatch):
-    """--max-minutes (pixelrnn's quick recipe): the run ends at the step the budget runs out in, as if --steps were
-    reached there, and run.progress, which the learning-rate schedule reads, follows the clock, not step / --steps."""
-    module, clock = importlib.import_module("pixelrnn"), itertools.count(0.0, 30.0)  # each reading 30 s on
-    argv = [*TINY["pixelrnn"], *RUN, "--steps", "1000", "--max-minutes", "2", "--out", str(tmp_path / "r"),
-            "--data-dir", str(small_mnist)]
-    run = common.Run(common.parse_args(module.ModelConfig, module.Config, "pixelrnn", argv), "pixelrnn")
-    monkeypatch.setattr(common.time, "time", lambda: next(clock))
-    run.start(dict(model=torch.nn.Linear(1, 1)))
-    progress = []
+def budget_run(module, argv, monkeypatch, now, seconds_per_step, stop_at=None):
+    """A Run of `module`'s options whose steps take `seconds_per_step` on a clock we hold (now[0]), with a grid
+    recorder; the steps (and progress) it made, its grid steps. stop_at: a crash after that step (no finish())."""
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    run = common.Run(common.parse_args(module.ModelConfig, module.Config, module.__name__, argv), module.__name__)
+    grids, progress = [], []
+    run.start(dict(model=torch.nn.Linear(1, 1)), lambda step: grids.append(step))
     for step in run:
         progress.append(run.progress)
+        now[0] += seconds_per_step
+        run.check(loss=1.0)
         run.log(dict(loss=1.0))
+        if step + 1 == stop_at:
+            break
+    return run, progress, grids
+
+
+def test_the_time_budget_ends_the_run_and_the_schedule_and_grids_follow_the_clock(small_mnist, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """--max-minutes 2 with --steps 1000 on a CPU that makes a step in 10 s: the run ends at step 12, when the
+    minutes are spent, says so, and saves it; run.progress, which the learning-rate schedules read, follows the clock
+    (step / 1000 would be 0.012 at the end), and the grids meant for every quarter of the run (--sample-every 250)
+    come at each quarter of the minutes. --resume (with more minutes) counts the minutes already spent."""
+    module, out, now = importlib.import_module("pixelrnn"), tmp_path / "r", [0.0]
+    argv = [*TINY["pixelrnn"], *RUN, "--steps", "1000", "--max-minutes", "2", "--sample-every", "250", "--out",
+            str(out), "--data-dir", str(small_mnist)]
+    run, progress, grids = budget_run(module, argv, monkeypatch, now, 10.0)
+    assert run.step == 12 == len(progress) and progress == pytest.approx([i / 12 for i in range(12)]), progress
+    assert grids == [3, 6, 9, 12] and logged_steps(out)[-1] == 12 == ckpt(out)["step"]  # the last step: saved
+    assert "--max-minutes 2 spent at step 12 of --steps 1000: training ends here" in capsys.readouterr().out
+    run.finish()
     monkeypatch.undo()
-    assert run.step == run.cfg.steps == len(progress) < 10 and progress[-1] == 1.0  # 2 minutes of 30 s readings
-    assert progress == sorted(progress) and progress[1] > 0.1  # step / 1000 would be 0.001
-    assert logged_steps(tmp_path / "r")[-1] == run.step == ckpt(tmp_path / "r")["step"]  # the last step: saved
+    resumed, progress, grids = budget_run(module, [*argv, "--resume", "--max-minutes", "4"], monkeypatch, now, 10.0)
+    assert progress[0] == pytest.approx(0.5) and resumed.step == 24 and grids == [18, 24]  # 2 of 4 minutes spent at its start
+
+
+def test_without_a_budget_the_run_is_its_steps_whatever_the_clock(small_mnist, tmp_path, monkeypatch):
+    """--max-minutes 0 (the tests' runs): --steps steps however slow they are, progress = step / --steps, a grid
+    every --sample-every steps: a fixed-length, reproducible run."""
+    module, now = importlib.import_module("vae"), [0.0]
+    argv = [*TINY["vae"], *RUN, "--steps", "8", "--max-minutes", "0", "--sample-every", "3", "--out",
+            str(tmp_path / "r"), "--data-dir", str(small_mnist)]
+    run, progress, grids = budget_run(module, argv, monkeypatch, now, 3600.0)
+    assert run.step == 8 and progress == pytest.approx([i / 8 for i in range(8)]) and grids == [3, 6, 8]
 
 
 def test_wall_time_adds_up_over_resumes_and_lines_past_the_checkpoint_go(small_mnist, tmp_path, monkeypatch):

@@ -264,7 +264,8 @@ def test_fast_sampler_under_bf16_autocast_matches_the_naive_one(monkeypatch, arc
 # ----------------------------------------------------------------------------- the script
 
 MODEL = ["--channels", "12", "--layers", "1"]
-RUN = ["--device", "cpu", "--batch-size", "8", "--eval-n", "16", "--num-samples", "2", "--log-every", "1"]
+RUN = ["--max-minutes", "0", "--device", "cpu", "--batch-size", "8", "--eval-n", "16", "--num-samples", "2",
+       "--log-every", "1"]
 
 
 def run(args, data_dir, out):

@@ -163,7 +163,7 @@ def test_probabilities_of_all_1x2_8bit_images_sum_to_one():
 
 # ----------------------------------------------------------------------------- the CLI
 
-TINY = ["--hidden", "3", "--layers", "1", "--head", "6", "--batch-size", "8", "--log-every", "1",
+TINY = ["--max-minutes", "0", "--hidden", "3", "--layers", "1", "--head", "6", "--batch-size", "8", "--log-every", "1",
         "--ckpt-every", "2", "--num-samples", "2", "--device", "cpu"]
 
 

@@ -73,9 +73,9 @@ def test_no_line_is_longer_than_120_characters(script):
 
 
 def test_common_stays_small():
-    """The infrastructure serves the lessons: common.py at most 680 lines (it was 803 before class Run, 650 after;
-    the folder lock, the full disk and the step too big for memory took the rest)."""
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 680
+    """The infrastructure serves the lessons: common.py at most 690 lines (it was 803 before class Run, 650 after;
+    the folder lock, a full disk, a step too big for memory, and time budgets that hold over resumes took the rest)."""
+    assert len((ROOT / "common.py").read_text().splitlines()) <= 690
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

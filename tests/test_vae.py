@@ -12,7 +12,8 @@ import common
 import vae
 
 MODEL = ["--arch", "mlp", "--hidden", "32", "--z-dim", "4"]
-RUN = ["--batch-size", "16", "--log-every", "2", "--sample-every", "3", "--ckpt-every", "3", "--device", "cpu"]
+RUN = ["--max-minutes", "0", "--batch-size", "16", "--log-every", "2", "--sample-every", "3", "--ckpt-every", "3",
+       "--device", "cpu"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are too small for a second thread
