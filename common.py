@@ -39,12 +39,13 @@ def entry(main):
         try:
             result = main(argv)
         except (UsageError, OSError, RuntimeError) as e:
-            memory = isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
-            if isinstance(e, RuntimeError) and not memory:
+            line = str(e)
+            if isinstance(e, RuntimeError) and not ("out of memory" in line or "can't allocate memory" in line):
                 raise  # a bug: its traceback
-            line = (f"out of memory ({str(e).splitlines()[0][:150]}); lower --batch-size or the model's size" if memory
-                    else e if isinstance(e, UsageError) else f"{e.strerror or e}: {e.filename or '?'}; free space on "
-                    f"its disk, or pick another --out")  # an OSError: a full disk, a folder that cannot be made
+            if isinstance(e, OSError):  # the file system's refusal: a full disk, a folder that cannot be made
+                line = f"{e.strerror or e}: {e.filename or '?'}; free space on its disk, or pick another --out"
+            elif isinstance(e, RuntimeError):  # out of memory: CUDA's, MPS's or the CPU allocator's message
+                line = f"out of memory ({line.splitlines()[0][:150]}); lower --batch-size or the model's size"
             print(f"error{f' (rank {rank()} of {world()})' if world() > 1 else ''}: {line}", file=sys.stderr)
             raise SystemExit(2)  # under torchrun, torchrun then stops the other ranks
         if distributed():  # under torchrun: every rank is done before the process group is taken down
@@ -420,8 +421,8 @@ def lock_folder(out, resume):
         try:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UsageError(f"{out} is in use by the run of process {lock.seek(0) or lock.read().strip()}; wait for "
-                             f"it to end or pick another --out") from None
+            raise UsageError(f"{out} is in use by the run of process {(out / 'run.lock').read_text().strip()}; wait "
+                             f"for it to end or pick another --out") from None
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()  # the holder, named to a second run
     if not resume and (out / "ckpt.pt").exists():  # looked for again under the lock: two starts at once
         raise UsageError(f"{out} already holds a run; pass --resume to continue it, or --out to start a new one")
@@ -511,7 +512,7 @@ class Run:
         """A new run makes --out and config.json; --resume loads the checkpoint into `state` (models, optimizers, EMA)
         and the generators. sample_grid(step) draws a grid step's pictures, maybe returning figures for its line."""
         cfg, self.state, self.sample_grid = self.cfg, state, sample_grid
-        self.lock = lock_folder(self.out, cfg.resume) if is_main() else None  # one run at a time in a folder
+        self.lock = lock_folder(self.out, cfg.resume) if is_main() else None  # held open (locked) while the run lives
         self.step = load_checkpoint(self.out / "ckpt.pt", self.script, self.rng, **state) if cfg.resume else 0
         if self.step >= cfg.steps:
             raise UsageError(f"{cfg.out} is already at step {self.step}; pass --steps above {self.step} to train on")
@@ -595,9 +596,8 @@ class Run:
                 f"ends here (to train on: --resume --steps {self.total} --max-minutes <more>)")
         if last := self.step == self.cfg.steps:  # saved before the last grid: a sampler that fails loses no step
             self.save(rng_state(self.rng))
-        every = self.cfg.sample_every / self.total  # a grid at each such share of the run: by steps, or by the clock
-        grid = is_main() and self.sample_grid is not None and (last or int(self.progress / every + 1e-9) > int(
-            before / every + 1e-9))
+        due = lambda share: int(share * self.total / self.cfg.sample_every + 1e-9)  # grids due by a share of the run
+        grid = is_main() and self.sample_grid is not None and (last or due(self.progress) > due(before))
         if grid:
             started, modes = time.time(), [(m, m.training) for m in self.state.values() if hasattr(m, "training")]
             figures = figures | (run_safely("the sample grid", lambda: self.sample_grid(self.step)) or {})
