@@ -11,6 +11,8 @@ are trained on the evidence lower bound (Kingma & Welling 2014, "Auto-Encoding V
 The last KL cannot be computed; --eval estimates log p(x) itself by importance sampling (Burda et al. 2016,
 "Importance Weighted Autoencoders"), log p(x) ~ log 1/K sum_k p(x, z_k) / q(z_k|x), and shows the gap.
 1-channel images are binarized (a Bernoulli decoder); colour images keep 8 bits (a discretized logistic).
+The pictures show p(x|z) at its mode, its most probable image (binary data: each pixel 0 or 1, as sharp as the
+data), or with --show mean at its mean (grey where the decoder is unsure: the blur VAE samples are known for).
 
 --conditional makes it a model of p(x|y) for the class y: the one-hot y goes into the encoder q(z|x,y) and the
 decoder p(x|z,y), and the prior stays p(z) = N(0, I). That is the generative model of Kingma, Rezende, Mohamed &
@@ -27,6 +29,7 @@ picks the class.
     python vae.py                           # the recipe for the device: quick on a CPU (an MLP), full on a GPU (conv)
     python vae.py --eval                    # ELBO, IW log p(x), gap (no model flag: the checkpoint has them)
     python vae.py --sample                  # samples, reconstructions, interpolation
+    python vae.py --sample --show mean      # the same, decoded to p(x|z)'s means
     python vae.py --z-dim 2 --steps 10000 --out runs/vae-z2
     python vae.py --out runs/vae-z2 --sample   # also the decoded manifold and the test codes by label
     python vae.py --conditional --out runs/vae-cond        # p(x|y); --eval reports -log p(x|y)
@@ -66,6 +69,9 @@ class Config(common.RunConfig):
     iw_samples: int = common.opt(1000, "--eval: importance samples K per test image (5000 in the papers)", "[1, inf)")
     eval_n: int = common.opt(0, "--eval: only the first N test images (0 = all)", "[0, inf)")
     eval_chunk: int = common.opt(4096, "--eval: decoder evaluations per chunk (bounds memory)", "[1, inf)")
+    show: str = common.opt("mode", "what the pictures and samples show of p(x|z): mode, its most probable image "
+                           "(binary data: sharp 0/1 pixels), or mean (binary data: grey where the decoder is unsure)",
+                           choices=["mode", "mean"])
 
 
 PRESETS = {  # the recipe of a bare command, quick on a CPU, full on a CUDA GPU (--preset); a flag you give always wins
@@ -225,10 +231,13 @@ class VAE(nn.Module):
         # inf * 0 gives NaN
         return discretized_logistic_log_prob(mean, log_scale.clamp(min=-7), x)
 
-    def mean_image(self, net_out):
-        """The decoder's mean image in [0, 1]: the Bernoulli means sigmoid(logits), or the logistic means."""
+    def image(self, net_out, show="mode"):
+        """What a picture shows of p(x|z), in [0, 1]. Binary data: the mean p = sigmoid(logit) of each pixel, or the
+        mode, the most probable image, 1 where p > 1/2 (logit > 0): a draw from p(z) decoded to its mode is as sharp
+        as the data, where the mean of an unsure pixel is grey. Colour: the logistic means (a logistic's mode is its
+        mean)."""
         if self.binary:
-            return torch.sigmoid(net_out)
+            return (net_out > 0).to(net_out.dtype) if show == "mode" else torch.sigmoid(net_out)
         return common.signed_to_unit(net_out.chunk(2, dim=-3)[0].clamp(-1, 1))
 
 
@@ -261,12 +270,12 @@ def loss_fn(model, x, beta=1.0, y=None):
 # ----------------------------------------------------------------------------- the sampler
 
 @torch.no_grad()
-def sample(model, n, rng, y=None):
-    """Fresh images: x ~ p(x|z) (p(x|z,y): a conditional model, labels y), z ~ p(z) = N(0, I), z drawn from `rng`
-    (on any device: a CPU generator gives the same samples on every device); returns the Bernoulli (or logistic)
-    means, n x C x H x W in [0, 1]."""
+def sample(model, n, rng, y=None, show="mode"):
+    """Fresh images: z ~ p(z) = N(0, I), drawn from `rng` (on any device: a CPU generator gives the same samples on
+    every device), decoded by p(x|z) (p(x|z,y): a conditional model, labels y) to its mode or mean (VAE.image),
+    n x C x H x W in [0, 1]."""
     z = torch.randn(n, model.z_dim, generator=rng, device=rng.device)
-    return model.mean_image(model.decode(z.to(next(model.parameters()).device), y))
+    return model.image(model.decode(z.to(next(model.parameters()).device), y), show)
 
 
 # ----------------------------------------------------------------------------- the measure: ELBO and IW log p(x)
@@ -325,19 +334,19 @@ PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39,
 
 
 @torch.no_grad()
-def reconstructions(model, x, y=None, rows=4, cols=8):
-    """Rows of test inputs, each over its reconstruction (the decoder's mean at z = mu; a conditional model encodes
-    and decodes with the images' true labels y)."""
+def reconstructions(model, x, y=None, rows=4, cols=8, show="mode"):
+    """Rows of test inputs, each over its reconstruction (the decoder's mode or mean at z = mu; a conditional model
+    encodes and decodes with the images' true labels y)."""
     cols = min(cols, len(x))
     x = x[:cols * min(rows, len(x) // cols)]
     y = None if y is None else y[:len(x)]
-    rec = model.mean_image(model.decode(model.encode(x, y)[0], y))
+    rec = model.image(model.decode(model.encode(x, y)[0], y), show)
     show = x if model.binary else common.signed_to_unit(x)
     return torch.stack([show.unflatten(0, (-1, cols)), rec.unflatten(0, (-1, cols))], 1).flatten(0, 2), cols
 
 
 @torch.no_grad()
-def interpolation(model, x, y=None, pairs=8, steps=10):
+def interpolation(model, x, y=None, pairs=8, steps=10, show="mode"):
     """Decode z = (1 - t) mu_a + t mu_b, t from 0 to 1, between the posterior means of pairs of test images. A
     conditional model's decoder takes (z, one-hot y): the line runs through both, y = (1 - t) y_a + t y_b, so each
     end is that image's reconstruction with its true label, and between them the class fades from a's to b's."""
@@ -346,11 +355,11 @@ def interpolation(model, x, y=None, pairs=8, steps=10):
     mu = model.encode(x[:2 * pairs], y)[0]
     t = torch.linspace(0, 1, steps, device=mu.device)[None, :, None]
     line = lambda v: ((1 - t) * v[0::2, None] + t * v[1::2, None]).flatten(0, 1)  # pairs x steps, flattened
-    return model.mean_image(model.decode(line(mu), None if y is None else line(y)))
+    return model.image(model.decode(line(mu), None if y is None else line(y)), show)
 
 
 @torch.no_grad()
-def manifold(model, n=20, label=None):
+def manifold(model, n=20, label=None, show="mode"):
     """z_dim = 2: decode a grid of prior quantiles z = Phi^-1(p), p in (0.05 .. 0.95), like Kingma & Welling fig. 4.
     A conditional model draws it for one class, `label`; with no label, row c decodes the grid's z1 quantiles at
     z2 = 0 with class c, so each column holds one z: y sets the class, z the style."""
@@ -362,7 +371,7 @@ def manifold(model, n=20, label=None):
     else:
         z = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij")[::-1], -1).flatten(0, 1)  # rows: z2 high to low
     device = next(model.parameters()).device
-    return model.mean_image(model.decode(z.to(device), None if y is None else y.to(device)))
+    return model.image(model.decode(z.to(device), None if y is None else y.to(device)), show)
 
 
 @torch.no_grad()
@@ -404,7 +413,7 @@ def sample_grid(model, cfg, x_test, y_test, step):
     ELBO of the fixed test images x_test (labels y_test, or None), with one z each from a seeded generator of its own.
     Neither draw touches the training run's random numbers."""
     y = common.class_labels(cfg, cfg.num_samples, x_test.device)  # None, or the classes of the grid's rows
-    x = sample(model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed), y)
+    x = sample(model, cfg.num_samples, torch.Generator().manual_seed(cfg.seed), y, cfg.show)
     common.save_grid(x, Path(cfg.out) / f"samples_{step}.png", labels=y)
     rng = torch.Generator(x_test.device).manual_seed(cfg.seed)
     return dict(test_neg_elbo=mean_neg_elbo(model, x_test, rng, y=y_test))
@@ -497,18 +506,18 @@ def sample_from_checkpoint(cfg):
     y = y_test if model.conditional else None  # the true labels, for the pictures of test images
     start, rng = time.time(), torch.Generator().manual_seed(cfg.seed)
     samples = torch.cat([sample(model, min(1000, cfg.num_samples - i), rng,
-                                 None if labels is None else labels[i:i + 1000]).float().cpu()
+                                 None if labels is None else labels[i:i + 1000], cfg.show).float().cpu()
                          for i in range(0, cfg.num_samples, 1000)])  # bounded memory for any --num-samples
     seconds = time.time() - start
     common.save_samples(cfg, samples)
-    grid, cols = reconstructions(model, x, y)
+    grid, cols = reconstructions(model, x, y, show=cfg.show)
     common.save_grid(grid, out / "reconstructions.png", nrow=cols)
-    common.save_grid(interpolation(model, x, y), out / "interpolation.png", nrow=10)
+    common.save_grid(interpolation(model, x, y, show=cfg.show), out / "interpolation.png", nrow=10)
     names = ["samples.png", f"samples.pt {tuple(samples.shape)}"] + (["labels.pt"] if y is not None else [])
     names += ["reconstructions.png", "interpolation.png"]
     if cfg.model.z_dim == 2:
         label = cfg.label if cfg.label >= 0 else None
-        common.save_grid(manifold(model, label=label), out / "manifold.png", nrow=20)
+        common.save_grid(manifold(model, label=label, show=cfg.show), out / "manifold.png", nrow=20)
         common.save_grid(latent_scatter(model, x, y_test)[None], out / "latents.png", nrow=1)
         names += ["manifold.png", "latents.png"]
     print(f"{len(samples)} samples in {seconds:.2f}s; wrote {', '.join(names)} in {out}")

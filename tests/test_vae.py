@@ -201,6 +201,18 @@ def all_images():
     return torch.tensor([[(i >> j) & 1 for j in range(4)] for i in range(16)], dtype=torch.float32).view(16, 1, 2, 2)
 
 
+def test_the_mode_is_the_most_probable_image_and_the_mean_its_pixel_probabilities():
+    """--show mode draws, for each z, the x of largest p(x|z) among all 16 binary 2x2 images; --show mean the
+    probabilities p = sigmoid(logit); the same z under both: the mode is the mean thresholded at 1/2."""
+    model, x = tiny_vae(), all_images()
+    logits = model.decode(torch.randn(6, 1))
+    log_p = vae.bernoulli_log_prob(logits[:, None], x[None])  # 6 z x 16 images
+    torch.testing.assert_close(model.image(logits, "mode"), x[log_p.argmax(1)])
+    torch.testing.assert_close(model.image(logits, "mean"), torch.sigmoid(logits))
+    mode, mean = (vae.sample(model, 50, torch.Generator().manual_seed(3), show=s) for s in ("mode", "mean"))
+    assert torch.equal(mode, (mean > 0.5).float()) and 0 < mode.mean() < 1
+
+
 def test_exact_log_px_is_a_distribution():
     """The quadrature is right: p(x) over all 16 binary 2x2 images sums to one."""
     assert exact_log_px(tiny_vae(), all_images()).exp().sum().item() == pytest.approx(1.0, abs=1e-6)
