@@ -46,8 +46,8 @@ def entry(main):
                 line = f"{e.strerror or e}: {e.filename or '?'}; free space on its disk, or pick another --out"
             elif isinstance(e, RuntimeError):  # out of memory: CUDA's, MPS's or the CPU allocator's message
                 line = f"out of memory ({line.splitlines()[0][:150]}); lower --batch-size or the model's size"
-            print(f"error{f' (rank {rank()} of {world()})' if world() > 1 else ''}: {line}", file=sys.stderr)
-            raise SystemExit(2)  # under torchrun, torchrun then stops the other ranks
+            sys.stderr.write(f"error{f' (rank {rank()} of {world()})' if world() > 1 else ''}: {line}\n")  # 1 write
+            raise SystemExit(2)  # torchrun then stops the other ranks (they share stderr: print's 2 writes interleave)
         if distributed():  # under torchrun: every rank is done before the process group is taken down
             dist.barrier()
             dist.destroy_process_group()
