@@ -341,8 +341,8 @@ def reconstructions(model, x, y=None, rows=4, cols=8, show="mode"):
     x = x[:cols * min(rows, len(x) // cols)]
     y = None if y is None else y[:len(x)]
     rec = model.image(model.decode(model.encode(x, y)[0], y), show)
-    show = x if model.binary else common.signed_to_unit(x)
-    return torch.stack([show.unflatten(0, (-1, cols)), rec.unflatten(0, (-1, cols))], 1).flatten(0, 2), cols
+    inputs = x if model.binary else common.signed_to_unit(x)
+    return torch.stack([inputs.unflatten(0, (-1, cols)), rec.unflatten(0, (-1, cols))], 1).flatten(0, 2), cols
 
 
 @torch.no_grad()
